@@ -1,0 +1,491 @@
+"""The recipe: one typed, declarative description of a whole model build.
+
+A recipe is a YAML file validated by the pydantic models below. It is the unit that the
+integration engine patches ("set `optim.lr` to 3e-3"), so three properties matter more than
+convenience:
+
+* **Strict.** An unknown key is an error that names the key and suggests the closest valid
+  ones; a value of the wrong type is an error that names the key and the expected type. A
+  typo must never silently fall back to a default.
+* **Overridable.** `--set a.b.c=value` patches any leaf; the value is parsed as YAML (so
+  `3`, `true`, `[1, 2]` mean what they look like) and validated like the file itself.
+* **Hashable.** Each section has a canonical hash (sorted-key JSON of its validated values,
+  defaults included), so build stages can be cached by exactly the settings they read.
+
+Sections owned by later parts of the stack (model, optim, pretrain, sft, rl, eval) are
+declared here so that recipes and overrides address them uniformly; they gain their fields
+as those parts land.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stacklab.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+class StdlibSource(Section):
+    """The embedded default corpus: this Python's own standard-library `.py` files."""
+
+    kind: Literal["stdlib"] = "stdlib"
+    name: str = "stdlib"
+    weight: float = Field(1.0, gt=0, description="mixture weight (relative share of tokens)")
+
+
+class TextSource(Section):
+    """Plain-text files: one file, or every file under a folder matching `glob`."""
+
+    kind: Literal["text"] = "text"
+    name: str
+    path: Path
+    glob: str = "**/*.txt"
+    weight: float = Field(1.0, gt=0)
+
+
+class JsonlSource(Section):
+    """JSON Lines: one document per line, its text in `field` (and optionally an id)."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    name: str
+    path: Path
+    field: str = "text"
+    id_field: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+
+class ParquetSource(Section):
+    """A Parquet file (or folder of them): one document per row, its text in `column`."""
+
+    kind: Literal["parquet"] = "parquet"
+    name: str
+    path: Path
+    column: str = "text"
+    id_column: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+
+SourceConfig = Annotated[
+    StdlibSource | TextSource | JsonlSource | ParquetSource, Field(discriminator="kind")
+]
+
+# --------------------------------------------------------------------------- filters
+
+
+class LengthFilter(Section):
+    """Drop documents that are too short to teach anything or too long to be normal text."""
+
+    name: Literal["length"] = "length"
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(200_000, gt=0)
+    min_words: int = Field(0, ge=0)
+
+
+class RepetitionFilter(Section):
+    """Gopher-style repetition rules (Rae et al. 2021, appendix A).
+
+    Fractions are over non-blank lines, over characters in duplicated lines, over characters
+    covered by the most frequent word n-gram (n = 2..4), and over characters covered by
+    duplicated word n-grams (n = 5..10). A document exceeding any threshold is removed.
+    """
+
+    name: Literal["repetition"] = "repetition"
+    max_dup_line_frac: float = Field(0.30, ge=0, le=1)
+    max_dup_line_char_frac: float = Field(0.20, ge=0, le=1)
+    max_top_ngram_char_frac: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    max_dup_ngram_char_frac: dict[int, float] = {
+        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10
+    }
+
+
+class CharRatioFilter(Section):
+    """Bounds on the share of character classes (letters, digits, whitespace, non-ASCII)."""
+
+    name: Literal["char_ratio"] = "char_ratio"
+    min_alpha_frac: float = Field(0.0, ge=0, le=1)
+    max_digit_frac: float = Field(1.0, ge=0, le=1)
+    max_whitespace_frac: float = Field(1.0, ge=0, le=1)
+    max_non_ascii_frac: float = Field(1.0, ge=0, le=1)
+
+
+class PathExcludeFilter(Section):
+    """Drop documents whose path matches any glob (e.g. test suites in a code corpus)."""
+
+    name: Literal["path_exclude"] = "path_exclude"
+    patterns: list[str] = Field(min_length=1)
+
+
+FilterConfig = Annotated[
+    LengthFilter | RepetitionFilter | CharRatioFilter | PathExcludeFilter,
+    Field(discriminator="name"),
+]
+
+
+class DedupConfig(Section):
+    """Exact dedup by content hash, then near-duplicate removal with MinHash LSH."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_words: int = Field(5, ge=1, description="word n-gram size of the shingles")
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+
+class ArithmeticTask(Section):
+    """Integer arithmetic with programmatic answers: `a op b` with operands of 1..N digits."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    ops: list[Literal["+", "-", "*"]] = Field(["+", "-", "*"], min_length=1)
+    min_digits: int = Field(1, ge=1, le=18)
+    max_digits: int = Field(3, ge=1, le=18)
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of the problem space reserved for evaluation"
+    )
+    weight: float = Field(0.05, gt=0, description="mixture weight of this task's text")
+
+    @model_validator(mode="after")
+    def _digits_ordered(self) -> ArithmeticTask:
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"min_digits ({self.min_digits}) must not exceed max_digits ({self.max_digits})"
+            )
+        return self
+
+
+TaskConfig = Annotated[ArithmeticTask, Field(discriminator="kind")]
+
+# --------------------------------------------------------------------------- mixture and packing
+
+
+class MixtureConfig(Section):
+    """How many tokens to train on, and how much of the corpus to hold out for validation."""
+
+    token_budget: int = Field(2_000_000, gt=0, description="training tokens across all sources")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents held out")
+    val_token_budget: int = Field(100_000, gt=0, description="cap on held-out tokens")
+
+
+class PackingConfig(Section):
+    """Training rows: `seq_len + 1` tokens each (inputs and shifted targets)."""
+
+    seq_len: int = Field(256, ge=8)
+    rows_per_shard: int = Field(8192, ge=1)
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [StdlibSource()], min_length=1)
+    filters: list[FilterConfig] = Field(default_factory=list)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tasks: list[TaskConfig] = Field(default_factory=lambda: [ArithmeticTask()])
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, sources: list[Any]) -> list[Any]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return sources
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_kinds(cls, tasks: list[Any]) -> list[Any]:
+        kinds = [t.kind for t in tasks]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("each task kind may appear once")
+        return tasks
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerConfig(Section):
+    """Byte-level BPE; digits are always split one per token."""
+
+    vocab_size: int = Field(4096, ge=300, le=262_144)
+    min_frequency: int = Field(2, ge=1)
+    train_chars: int = Field(
+        4_000_000, gt=0, description="characters sampled from the mixture to train on"
+    )
+
+
+# --------------------------------------------------------------------------- later sections
+
+
+class ModelConfig(Section):
+    """The transformer (dense or MoE)."""
+
+
+class OptimConfig(Section):
+    """Optimizer and learning-rate schedule."""
+
+
+class PretrainConfig(Section):
+    """The pretraining loop."""
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning on chat-formatted data."""
+
+
+class RLConfig(Section):
+    """Reinforcement learning with verifiable rewards."""
+
+
+class EvalConfig(Section):
+    """Evaluation objectives."""
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class Recipe(Section):
+    name: str = "unnamed"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def section_hash(self, dotted: str) -> str:
+        """Canonical hash of one section (or any sub-object), e.g. `"data.mixture"`."""
+        return canonical_hash(get_dotted(self.to_dict(), dotted))
+
+    def hash(self) -> str:
+        """Canonical hash of the whole recipe."""
+        return canonical_hash(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every value, defaults included, as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def canonical_hash(value: Any) -> str:
+    """sha256 of the sorted-key, compact JSON of `value`, as 16 hex digits."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def get_dotted(data: Any, dotted: str) -> Any:
+    """Look up `a.b.0.c` in nested dicts and lists."""
+    node = data
+    for part in dotted.split(".") if dotted else []:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node[part]
+    return node
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides, validate, and resolve paths.
+
+    `path` may also be the bare name of a built-in recipe (`tiny` → `recipes/tiny.yaml`).
+    Relative data paths are resolved against the recipe file's folder.
+    """
+    file = resolve_recipe_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{file}: not valid YAML ({_one_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{file}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    recipe = recipe_from_dict(raw, origin=str(file))
+    if overrides:
+        recipe = apply_overrides(recipe, overrides)
+    return _resolve_paths(recipe, file.parent)
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    file = Path(path)
+    if file.is_file():
+        return file
+    builtin = RECIPES_DIR / f"{path}.yaml"
+    if not file.suffix and builtin.is_file():
+        return builtin
+    choices = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(
+        f"recipe file not found: {path} (built-in recipes: {', '.join(choices) or 'none'})"
+    )
+
+
+def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
+    """Validate a plain dict as a Recipe, turning pydantic errors into one-line RecipeErrors."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: {_describe(exc, raw)}") from None
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML and validated in place."""
+    data = recipe.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"bad override {item!r}: expected KEY=VALUE, e.g. data.seed=3")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(data, key, value, item)
+    return recipe_from_dict(data, origin="--set")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth]) or "the recipe"
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(
+                    f"bad override {item!r}: {here} is a list of {len(node)} items; "
+                    f"index it with 0..{len(node) - 1}"
+                )
+            index: int | str = int(part)
+        elif isinstance(node, dict):
+            if part not in node:
+                raise RecipeError(
+                    f"bad override {item!r}: unknown key '{'.'.join(parts[: depth + 1])}'"
+                    + _suggest(part, list(node))
+                )
+            index = part
+        else:
+            raise RecipeError(
+                f"bad override {item!r}: {here} is a value ({node!r}), not a section"
+            )
+        if last:
+            node[index] = value
+        else:
+            node = node[index]
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    for source in recipe.data.sources:
+        path = getattr(source, "path", None)
+        if path is not None and not Path(path).is_absolute():
+            source.path = (base / path).resolve()
+    return recipe
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """The first validation error as one line naming the dotted key."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    dotted = _dotted(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        return f"unknown key '{dotted}'" + _suggest(str(loc[-1]), valid)
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return (
+            f"{dotted or 'value'}: unknown {ctx.get('discriminator', 'kind')} "
+            f"{ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
+        )
+    if err["type"] == "union_tag_not_found":
+        ctx = err.get("ctx", {})
+        return f"{dotted}: missing {ctx.get('discriminator', 'kind')}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{dotted or 'recipe'}: {err['msg']}{shown}{more}"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator tag of a union member into `loc`; drop it for display.
+    parts: list[str] = []
+    node: Any = Recipe
+    for part in loc:
+        node, is_tag = _step(node, part)
+        if not is_tag:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    node: Any = Recipe
+    for part in loc:
+        node, _ = _step(node, part)
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _step(node: Any, part: Any) -> tuple[Any, bool]:
+    """Move one `loc` step down the type tree; report whether the step was a union tag."""
+    node = _unwrap(node)
+    origin = get_origin(node)
+    if origin in (list, tuple):
+        return get_args(node)[0], False
+    if origin is dict:
+        return get_args(node)[1], False
+    if origin in (Union, types.UnionType):
+        for member in get_args(node):
+            member = _unwrap(member)
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                for tag_field in ("kind", "name"):
+                    field = member.model_fields.get(tag_field)
+                    if field is not None and get_args(field.annotation) == (part,):
+                        return member, True
+        return node, False
+    if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+        return node.model_fields[part].annotation, False
+    return Any, False
+
+
+def _suggest(word: str, valid: list[str]) -> str:
+    if not valid:
+        return ""
+    close = difflib.get_close_matches(word, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{hint} (valid keys: {', '.join(valid)})"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
