@@ -468,15 +468,23 @@ def _step(node: Any, part: Any) -> tuple[Any, bool]:
     if origin in (Union, types.UnionType):
         for member in get_args(node):
             member = _unwrap(member)
-            if isinstance(member, type) and issubclass(member, BaseModel):
-                for tag_field in ("kind", "name"):
-                    field = member.model_fields.get(tag_field)
-                    if field is not None and get_args(field.annotation) == (part,):
-                        return member, True
+            if isinstance(member, type) and issubclass(member, BaseModel) and _is_tag(member, part):
+                return member, True
         return node, False
-    if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-        return node.model_fields[part].annotation, False
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        if part in node.model_fields:
+            return node.model_fields[part].annotation, False
+        if _is_tag(node, part):  # a one-member discriminated union still adds its tag
+            return node, True
     return Any, False
+
+
+def _is_tag(model: type[BaseModel], part: Any) -> bool:
+    for tag_field in ("kind", "name"):
+        field = model.model_fields.get(tag_field)
+        if field is not None and get_args(field.annotation) == (part,):
+            return True
+    return False
 
 
 def _suggest(word: str, valid: list[str]) -> str:

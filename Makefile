@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install, build the tiny recipe on the embedded corpus
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# Without CUDA, take the pinned CPU build: an unpinned torch pulls a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
+	else $(BIN)/pip install torch==2.13.0; fi
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/stacklab demo
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

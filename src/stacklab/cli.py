@@ -1,0 +1,196 @@
+"""The `stacklab` command line: one entry point, one subcommand per job.
+
+Input errors (a bad recipe key, a missing data file, …) are printed as one line and exit with
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from stacklab.errors import StacklabError
+
+console = Console()
+
+EXAMPLES = """examples:
+  stacklab demo                                  build the tiny recipe into runs/demo
+  stacklab build tiny --out runs/tiny            build a built-in recipe by name
+  stacklab build my.yaml --set data.mixture.token_budget=500000 --out runs/small
+  stacklab recipe tiny --set tokenizer.vocab_size=8192    show the resolved recipe
+  stacklab tasks tiny --split eval -n 5          print held-out task problems
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except StacklabError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; re-run the same command to resume[/]")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stacklab",
+        description="A full, hackable LLM stack driven by one recipe, with a content-addressed "
+        "stage cache.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "build",
+        help="build a recipe: every stage, reusing cached outputs",
+        description="Run every stage of RECIPE, reusing any stage whose output is already in "
+        "the cache. Writes OUT/metrics.json, OUT/build.json, OUT/recipe.yaml and a link per "
+        "stage to its cached output. A killed build resumes where it stopped when re-run.",
+    )
+    _recipe_args(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    _cache_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "demo",
+        help="build the built-in tiny recipe on the embedded corpus",
+        description="Build recipes/tiny.yaml (the Python standard library as corpus, plus "
+        "synthetic arithmetic) and print what was made.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="default: runs/demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _cache_args(p)
+    p.set_defaults(func=cmd_demo, recipe="tiny")
+
+    p = sub.add_parser(
+        "recipe",
+        help="validate a recipe and print it resolved, with section hashes",
+        description="Validate RECIPE with its overrides and print every value (defaults "
+        "included) and the canonical hash of each section.",
+    )
+    _recipe_args(p)
+    p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser(
+        "tasks",
+        help="print sample problems of a recipe's synthetic tasks",
+        description="Print problems from the train or held-out eval split of each task in "
+        "RECIPE, with their reference answers.",
+    )
+    _recipe_args(p)
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("-n", type=int, default=5, help="problems per task (default 5)")
+    p.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="a recipe file, or a built-in name (tiny)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set data.packing.seq_len=128 (repeatable)",
+    )
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="stage cache root shared between builds (default: $STACKLAB_CACHE or "
+        "~/.cache/stacklab)",
+    )
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from stacklab.pipeline import build
+    from stacklab.recipe import load_recipe
+    from stacklab.stages import STAGES
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    start = time.perf_counter()
+
+    def announce(stage, key: str) -> None:
+        console.print(f"[bold]{stage.name}[/] [dim]{key}[/]")
+
+    result = build(recipe, args.out, STAGES, args.cache_dir, args.until, on_stage=announce)
+    _print_build(result, time.perf_counter() - start)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    console.print("[bold]stacklab demo[/]: building the tiny recipe on the embedded corpus")
+    return cmd_build(args)
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from stacklab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe.to_yaml(), end="")
+    print("# section hashes")
+    for section in type(recipe).model_fields:
+        value = getattr(recipe, section)
+        if hasattr(value, "model_dump"):
+            print(f"#   {section}: {recipe.section_hash(section)}")
+    print(f"#   recipe: {recipe.hash()}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from stacklab.data.tasks import make_generator
+    from stacklab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    for cfg in recipe.data.tasks:
+        gen = make_generator(cfg)
+        table = Table(title=f"{cfg.kind} — {args.split} split")
+        table.add_column("prompt")
+        table.add_column("answer")
+        for problem in gen.problems(args.split, args.n, recipe.seed):
+            table.add_row(repr(problem.prompt), problem.answer)
+        console.print(table)
+    return 0
+
+
+def _print_build(result, seconds: float) -> None:
+    table = Table(title=f"build → {result.out}")
+    for col in ("stage", "status", "seconds", "output"):
+        table.add_column(col)
+    for s in result.stages:
+        status = "[green]cached[/]" if s.cached else "[yellow]built[/]"
+        table.add_row(s.name, status, f"{s.seconds:.1f}", str(s.path))
+    console.print(table)
+    metrics = Table(title="metrics.json")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for name, value in sorted(result.metrics.items()):
+        metrics.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+    console.print(metrics)
+    console.print(f"done in {seconds:.1f}s; metrics in {result.out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

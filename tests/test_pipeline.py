@@ -1,0 +1,156 @@
+"""The content-addressed stage cache, on toy stages (fast); the real stages are in test_build."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from stacklab.pipeline import MARKER, Stage, StageContext, build, stage_keys
+from stacklab.recipe import Recipe, apply_overrides
+
+
+def toy_stages(calls: list[str], fail_in: str | None = None) -> list[Stage]:
+    def run_a(ctx: StageContext) -> dict:
+        calls.append("a")
+        (ctx.out / "a.txt").write_text(str(ctx.recipe.seed))
+        return {"a/seed": ctx.recipe.seed}
+
+    def run_b(ctx: StageContext) -> dict:
+        calls.append("b")
+        if fail_in == "b":
+            (ctx.out / "half.txt").write_text("partial")
+            raise RuntimeError("boom")
+        seed = int((ctx.inputs["a"] / "a.txt").read_text())
+        value = seed * 1000 + ctx.recipe.tokenizer.vocab_size
+        (ctx.out / "b.txt").write_text(str(value))
+        return {"b/value": value}
+
+    return [
+        Stage("a", 1, (), lambda r: {"seed": r.seed}, run_a),
+        Stage("b", 1, ("a",), lambda r: r.tokenizer.model_dump(), run_b),
+    ]
+
+
+def test_second_build_is_a_noop(tmp_path: Path) -> None:
+    calls: list[str] = []
+    first = build(Recipe(), tmp_path / "run1", toy_stages(calls), tmp_path / "cache")
+    assert calls == ["a", "b"]
+    assert not any(s.cached for s in first.stages)
+    second = build(Recipe(), tmp_path / "run1", toy_stages(calls), tmp_path / "cache")
+    assert calls == ["a", "b"]
+    assert all(s.cached for s in second.stages)
+    assert second.metrics == first.metrics == {"a/seed": 0, "b/value": 4096}
+
+
+def test_run_directory_contents(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    build(Recipe(), out, toy_stages([]), tmp_path / "cache")
+    assert json.loads((out / "metrics.json").read_text()) == {"a/seed": 0, "b/value": 4096}
+    assert (out / "a").is_symlink() and (out / "a" / "a.txt").read_text() == "0"
+    assert (out / "b" / MARKER).is_file()
+    report = json.loads((out / "build.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["a", "b"]
+    assert "vocab_size: 4096" in (out / "recipe.yaml").read_text()
+
+
+def test_late_change_reuses_early_stages(tmp_path: Path) -> None:
+    calls: list[str] = []
+    build(Recipe(), tmp_path / "r1", toy_stages(calls), tmp_path / "cache")
+    changed = apply_overrides(Recipe(), ["tokenizer.vocab_size=512"])
+    result = build(changed, tmp_path / "r2", toy_stages(calls), tmp_path / "cache")
+    assert calls == ["a", "b", "b"]
+    assert [s.cached for s in result.stages] == [True, False]
+    assert result.metrics["b/value"] == 512
+    # Both runs point at the same early output.
+    assert (tmp_path / "r1" / "a").resolve() == (tmp_path / "r2" / "a").resolve()
+
+
+def test_early_change_invalidates_dependents(tmp_path: Path) -> None:
+    stages = toy_stages([])
+    k0 = stage_keys(Recipe(), stages)
+    k1 = stage_keys(apply_overrides(Recipe(), ["seed=1"]), stages)
+    assert k0["a"] != k1["a"] and k0["b"] != k1["b"]
+
+
+def test_failed_stage_leaves_nothing_complete(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="boom"):
+        build(Recipe(), tmp_path / "run", toy_stages([], fail_in="b"), cache)
+    key = stage_keys(Recipe(), toy_stages([]))["b"]
+    assert not (cache / "b" / key).exists()
+    assert list((cache / "b").glob(f"{key}.tmp-*"))  # the half-written attempt
+    calls: list[str] = []
+    result = build(Recipe(), tmp_path / "run", toy_stages(calls), cache)
+    assert calls == ["b"]
+    assert result.metrics["b/value"] == 4096
+    assert not list((cache / "b").glob(f"{key}.tmp-*"))  # cleaned up on the re-run
+
+
+def test_directory_without_marker_is_rebuilt(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    key = stage_keys(Recipe(), toy_stages([]))["a"]
+    fake = cache / "a" / key
+    fake.mkdir(parents=True)
+    (fake / "a.txt").write_text("garbage")
+    calls: list[str] = []
+    build(Recipe(), tmp_path / "run", toy_stages(calls), cache)
+    assert calls == ["a", "b"]
+    assert (fake / "a.txt").read_text() == "0"
+
+
+def test_until_stops_early_and_rejects_unknown(tmp_path: Path) -> None:
+    calls: list[str] = []
+    result = build(Recipe(), tmp_path / "run", toy_stages(calls), tmp_path / "c", until="a")
+    assert calls == ["a"] and [s.name for s in result.stages] == ["a"]
+    with pytest.raises(Exception, match="unknown stage 'z'"):
+        build(Recipe(), tmp_path / "run", toy_stages(calls), tmp_path / "c", until="z")
+
+
+KILLED_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from stacklab.pipeline import Stage, build
+    from stacklab.recipe import Recipe
+
+    cache, ready = Path(sys.argv[1]), Path(sys.argv[2])
+
+    def hang(ctx):
+        (ctx.out / "a.txt").write_text("half")  # partly written ...
+        ready.write_text("x")
+        time.sleep(600)  # ... when the SIGKILL arrives
+
+    build(Recipe(), cache.parent / "run", [Stage("a", 1, (), lambda r: {"seed": r.seed}, hang)],
+          cache)
+    """
+)
+
+
+def test_build_killed_mid_stage_completes_on_rerun(tmp_path: Path) -> None:
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(cache), str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, "the build exited before reaching the stage"
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    key = stage_keys(Recipe(), toy_stages([]))["a"]
+    assert not (cache / "a" / key).exists()  # nothing half-written is taken as done
+
+    calls: list[str] = []
+    result = build(Recipe(), tmp_path / "run", toy_stages(calls), cache)
+    assert calls == ["a", "b"]
+    assert (tmp_path / "run" / "a" / "a.txt").read_text() == "0"
+    assert result.metrics == {"a/seed": 0, "b/value": 4096}
+    assert not list((cache / "a").glob("*.tmp-*"))

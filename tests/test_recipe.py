@@ -1,0 +1,131 @@
+"""The recipe schema: strict validation, dotted overrides, canonical hashes."""
+
+from pathlib import Path
+
+import pytest
+
+from stacklab.errors import RecipeError
+from stacklab.recipe import (
+    RECIPES_DIR,
+    ArithmeticTask,
+    JsonlSource,
+    Recipe,
+    apply_overrides,
+    canonical_hash,
+    load_recipe,
+    recipe_from_dict,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_builtin_recipes_validate() -> None:
+    names = [p.stem for p in RECIPES_DIR.glob("*.yaml")]
+    assert "tiny" in names
+    for name in names:
+        assert load_recipe(name).name == name
+
+
+def test_defaults_fill_every_section() -> None:
+    r = Recipe()
+    assert r.data.sources[0].kind == "stdlib"
+    assert r.tokenizer.vocab_size == 4096
+    assert set(r.to_dict()) == {
+        "name", "seed", "data", "tokenizer", "model", "optim", "pretrain", "sft", "rl", "eval"
+    }
+
+
+def test_unknown_top_level_key_suggests(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"unknown key 'tokenzier'.*did you mean 'tokenizer'"):
+        load_recipe(write(tmp_path, "tokenzier: {vocab_size: 512}\n"))
+
+
+def test_unknown_nested_key_names_full_path(tmp_path: Path) -> None:
+    text = "data:\n  sources:\n    - kind: jsonl\n      name: a\n      path: a.jsonl\n      feild: t\n"
+    with pytest.raises(RecipeError, match=r"'data\.sources\.0\.feild'.*did you mean 'field'"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_unknown_discriminator_lists_valid(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"unknown 'name' 'lenght'.*'length'"):
+        load_recipe(write(tmp_path, "data:\n  filters:\n    - name: lenght\n"))
+
+
+def test_wrong_type_names_key(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"tokenizer\.vocab_size: .*valid integer.*'big'"):
+        load_recipe(write(tmp_path, "tokenizer: {vocab_size: big}\n"))
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_missing_file_lists_builtins() -> None:
+    with pytest.raises(RecipeError, match=r"not found: nope.*tiny"):
+        load_recipe("nope")
+
+
+def test_override_types_are_parsed_and_checked() -> None:
+    r = apply_overrides(
+        Recipe(),
+        [
+            "data.packing.seq_len=128",
+            "data.dedup.near=false",
+            "data.tasks.0.ops=['+']",
+            "seed=7",
+        ],
+    )
+    assert r.data.packing.seq_len == 128
+    assert r.data.dedup.near is False
+    assert r.data.tasks[0].ops == ["+"]
+    assert r.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.packing.seq_len=abc", r"data\.packing\.seq_len: .*integer.*'abc'"),
+        ("data.mixture.token_budget=0", r"data\.mixture\.token_budget: .*greater than 0"),
+        ("data.dedup.treshold=0.5", r"unknown key 'data\.dedup\.treshold'.*'threshold'"),
+        ("data.sources.3.weight=1", r"list of 1 items; index it with 0\.\.0"),
+        ("seed.x=1", r"seed is a value"),
+        ("novalue", r"expected KEY=VALUE"),
+        ("data.tasks.0.min_digits=5", r"min_digits \(5\) must not exceed max_digits \(3\)"),
+    ],
+)
+def test_bad_override(override: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        apply_overrides(Recipe(), [override])
+
+
+def test_duplicate_source_names_rejected() -> None:
+    raw = {"data": {"sources": [{"kind": "stdlib"}, {"kind": "stdlib"}]}}
+    with pytest.raises(RecipeError, match="repeated: stdlib"):
+        recipe_from_dict(raw)
+
+
+def test_relative_paths_resolve_against_recipe_folder(tmp_path: Path) -> None:
+    text = "data:\n  sources:\n    - {kind: jsonl, name: a, path: sub/a.jsonl}\n"
+    r = load_recipe(write(tmp_path, text))
+    source = r.data.sources[0]
+    assert isinstance(source, JsonlSource)
+    assert source.path == (tmp_path / "sub" / "a.jsonl").resolve()
+
+
+def test_section_hash_is_canonical_and_local() -> None:
+    a = Recipe()
+    b = apply_overrides(Recipe(), ["tokenizer.vocab_size=512"])
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("tokenizer") != b.section_hash("tokenizer")
+    assert a.hash() != b.hash()
+    # Key order does not matter; values do.
+    assert canonical_hash({"x": 1, "y": [1, 2]}) == canonical_hash({"y": [1, 2], "x": 1})
+    assert canonical_hash({"x": 1}) != canonical_hash({"x": 2})
+    # Explicitly writing a default gives the same hash as leaving it out.
+    explicit = recipe_from_dict({"data": {"tasks": [ArithmeticTask().model_dump()]}})
+    assert explicit.section_hash("data") == a.section_hash("data")
