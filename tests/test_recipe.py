@@ -35,7 +35,16 @@ def test_defaults_fill_every_section() -> None:
     assert r.data.sources[0].kind == "stdlib"
     assert r.tokenizer.vocab_size == 4096
     assert set(r.to_dict()) == {
-        "name", "seed", "data", "tokenizer", "model", "optim", "pretrain", "sft", "rl", "eval"
+        "name",
+        "seed",
+        "data",
+        "tokenizer",
+        "model",
+        "optim",
+        "pretrain",
+        "sft",
+        "rl",
+        "eval",
     }
 
 
@@ -45,7 +54,9 @@ def test_unknown_top_level_key_suggests(tmp_path: Path) -> None:
 
 
 def test_unknown_nested_key_names_full_path(tmp_path: Path) -> None:
-    text = "data:\n  sources:\n    - kind: jsonl\n      name: a\n      path: a.jsonl\n      feild: t\n"
+    text = (
+        "data:\n  sources:\n    - kind: jsonl\n      name: a\n      path: a.jsonl\n      feild: t\n"
+    )
     with pytest.raises(RecipeError, match=r"'data\.sources\.0\.feild'.*did you mean 'field'"):
         load_recipe(write(tmp_path, text))
 

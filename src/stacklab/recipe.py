@@ -112,7 +112,12 @@ class RepetitionFilter(Section):
     max_dup_line_char_frac: float = Field(0.20, ge=0, le=1)
     max_top_ngram_char_frac: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
     max_dup_ngram_char_frac: dict[int, float] = {
-        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10
+        5: 0.15,
+        6: 0.14,
+        7: 0.13,
+        8: 0.12,
+        9: 0.11,
+        10: 0.10,
     }
 
 
@@ -300,10 +305,7 @@ def get_dotted(data: Any, dotted: str) -> Any:
     """Look up `a.b.0.c` in nested dicts and lists."""
     node = data
     for part in dotted.split(".") if dotted else []:
-        if isinstance(node, list):
-            node = node[int(part)]
-        else:
-            node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]
     return node
 
 
@@ -322,7 +324,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as exc:
         raise RecipeError(f"{file}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{file}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+        raise RecipeError(
+            f"{file}: a recipe must be a mapping of sections, got {type(raw).__name__}"
+        )
     recipe = recipe_from_dict(raw, origin=str(file))
     if overrides:
         recipe = apply_overrides(recipe, overrides)
@@ -387,9 +391,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
                 )
             index = part
         else:
-            raise RecipeError(
-                f"bad override {item!r}: {here} is a value ({node!r}), not a section"
-            )
+            raise RecipeError(f"bad override {item!r}: {here} is a value ({node!r}), not a section")
         if last:
             node[index] = value
         else:

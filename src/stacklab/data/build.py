@@ -20,12 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from stacklab.data.corpus import build_corpus
+from stacklab.data.corpus import DOCUMENTS, build_corpus
 from stacklab.data.documents import Document, read_jsonl
-from stacklab.data.sources import fingerprint
 from stacklab.data.mixture import is_heldout, plan_mixture, token_targets
 from stacklab.data.shards import write_index, write_split
+from stacklab.data.sources import fingerprint
 from stacklab.data.tasks import iter_task_documents, make_generator
 from stacklab.data.tokenizer import (
     EOT,
@@ -38,7 +39,6 @@ from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.progress import track
 from stacklab.recipe import DataConfig, Recipe
 
-DOCUMENTS = "documents.jsonl"
 TOKENIZER = "tokenizer.json"
 
 
@@ -97,16 +97,13 @@ def run_tokenizer(ctx: StageContext) -> Metrics:
 
 def tokenizer_sample(recipe: Recipe, train: list[Document]) -> list[str]:
     """Texts for tokenizer training: each source's share of `train_chars` by mixture weight."""
-    weights = mixture_weights(recipe.data)
-    total = sum(weights.values())
-    budget = recipe.tokenizer.train_chars
+    targets = token_targets(mixture_weights(recipe.data), recipe.tokenizer.train_chars)
     by_source: dict[str, list[Document]] = {}
     for doc in train:
         by_source.setdefault(doc.source, []).append(doc)
     rng = random.Random(recipe.seed)
     texts: list[str] = []
-    for name, weight in weights.items():
-        target = budget * weight / total
+    for name, target in targets.items():
         if name.startswith("task:"):
             docs: Iterator[Document] | list[Document] = task_stream(recipe.data, name, recipe.seed)
         else:
@@ -143,7 +140,9 @@ def run_shards(ctx: StageContext) -> Metrics:
 
     targets = token_targets(mixture_weights(data), data.mixture.token_budget)
     tokens: dict[str, list[list[int]]] = {name: [] for name in targets}
-    for doc, ids in zip(train, _encode(tok, [d.text for d in train], "tokenizing corpus"), strict=True):
+    for doc, ids in zip(
+        train, _encode(tok, [d.text for d in train], "tokenizing corpus"), strict=True
+    ):
         tokens[doc.source].append(ids)
     for name, target in targets.items():
         if name.startswith("task:"):
@@ -155,15 +154,21 @@ def run_shards(ctx: StageContext) -> Metrics:
     seq_len, rows_per_shard = data.packing.seq_len, data.packing.rows_per_shard
     ordered = (tokens[name][i] for name, i in plan.order)
     train_info = write_split(
-        ctx.out, "train", track(ordered, "packing train", len(plan.order)), seq_len,
-        rows_per_shard, vocab_size,
+        ctx.out,
+        "train",
+        track(ordered, "packing train", len(plan.order)),
+        seq_len,
+        rows_per_shard,
+        vocab_size,
     )
 
     val = sorted(val, key=lambda d: d.id)
     val_ids: list[list[int]] = []
     val_docs: list[Document] = []
     taken = 0
-    for doc, ids in zip(val, _encode(tok, [d.text for d in val], "tokenizing held-out"), strict=True):
+    for doc, ids in zip(
+        val, _encode(tok, [d.text for d in val], "tokenizing held-out"), strict=True
+    ):
         if taken >= data.mixture.val_token_budget:
             break
         val_ids.append(ids)
@@ -225,14 +230,16 @@ def unigram_bits(train: dict[str, list[list[int]]], val: list[list[int]], vocab:
     return float(bits)
 
 
-def _encode(tok, texts: list[str], description: str, chunk: int = 256) -> Iterator[list[int]]:
+def _encode(
+    tok: Tokenizer, texts: list[str], description: str, chunk: int = 256
+) -> Iterator[list[int]]:
     """Token ids of each text, batched so the Rust tokenizer can use every core."""
     for start in track(range(0, len(texts), chunk), description):
         for enc in tok.encode_batch(texts[start : start + chunk]):
             yield enc.ids
 
 
-def _take_tokens(tok, docs: Iterator[Document], target: int) -> list[list[int]]:
+def _take_tokens(tok: Tokenizer, docs: Iterator[Document], target: int) -> list[list[int]]:
     """Encode documents from an endless stream until `target` tokens (with boundaries)."""
     out: list[list[int]] = []
     total = 0

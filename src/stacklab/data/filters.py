@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,57 +130,65 @@ def repetition_stats(
     ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
     lengths = np.array([len(w) for w in words], dtype=np.int64)
     total = int(lengths.sum())
-    for n in top_ngram_sizes:
-        stats[f"top_{n}gram_char_frac"] = _ratio(_top_ngram_chars(ids, lengths, n), total)
-    for n in dup_ngram_sizes:
-        stats[f"dup_{n}gram_char_frac"] = _ratio(_dup_ngram_chars(ids, lengths, n), total)
+    top_sizes, dup_sizes = set(top_ngram_sizes), set(dup_ngram_sizes)
+    top_chars = dict.fromkeys(top_sizes, 0)
+    dup_chars = dict.fromkeys(dup_sizes, 0)
+    for n, gram, counts in _ngrams(ids, max(top_sizes | dup_sizes, default=0)):
+        if n in top_sizes:
+            top_chars[n] = _top_ngram_chars(gram, counts, lengths, n)
+        if n in dup_sizes:
+            dup_chars[n] = _covered_chars(np.flatnonzero(counts[gram] > 1), lengths, n)
+    stats |= {f"top_{n}gram_char_frac": _ratio(c, total) for n, c in top_chars.items()}
+    stats |= {f"dup_{n}gram_char_frac": _ratio(c, total) for n, c in dup_chars.items()}
     return stats
 
 
 def char_fractions(text: str) -> dict[str, float]:
     """Fractions of all characters that are letters, digits, whitespace and non-ASCII."""
-    n = len(text)
+    counts = Counter(text)  # classify each distinct character once, not every character
+
+    def fraction(is_class: Callable[[str], bool]) -> float:
+        return _ratio(sum(n for char, n in counts.items() if is_class(char)), len(text))
+
     return {
-        "alpha": _ratio(sum(map(str.isalpha, text)), n),
-        "digit": _ratio(sum(map(str.isdigit, text)), n),
-        "whitespace": _ratio(sum(map(str.isspace, text)), n),
-        "non_ascii": _ratio(n - len(text.encode("ascii", "ignore")), n),
+        "alpha": fraction(str.isalpha),
+        "digit": fraction(str.isdigit),
+        "whitespace": fraction(str.isspace),
+        "non_ascii": fraction(lambda char: not char.isascii()),
     }
 
 
-def _ngrams(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each start position, the id of its n-gram among distinct n-grams, and their counts."""
-    windows = np.lib.stride_tricks.sliding_window_view(ids, n)  # (positions, n)
-    _, inverse, counts = np.unique(windows, axis=0, return_inverse=True, return_counts=True)
-    return inverse.reshape(-1), counts
+def _ngrams(ids: np.ndarray, max_n: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """For n = 1..max_n: (n, the index of each start position's n-gram among the distinct
+    n-grams, how often each distinct n-gram occurs).
+
+    Exact and one sort per n: an n-gram is the pair (its (n-1)-gram's index, its last word).
+    """
+    vocab_size = int(ids.max(initial=0)) + 1
+    gram = np.zeros(len(ids) + 1, dtype=np.int64)  # the empty 0-gram, at every position
+    for n in range(1, min(max_n, len(ids)) + 1):
+        pairs = gram[:-1] * vocab_size + ids[n - 1 :]  # (positions,) < len(ids) * vocab_size
+        _, gram, counts = np.unique(pairs, return_inverse=True, return_counts=True)
+        yield n, gram, counts
 
 
-def _covered_chars(starts: np.ndarray, lengths: np.ndarray, n: int) -> int:
-    """Characters of the words covered by n-grams starting at the positions in `starts`."""
-    size = len(lengths) + 1
-    depth = np.bincount(starts, minlength=size) - np.bincount(starts + n, minlength=size)
-    covered = np.cumsum(depth[:-1]) > 0  # (words,) inside at least one of the n-grams
-    return int(lengths[covered].sum())
-
-
-def _top_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
-    if len(ids) < n:
-        return 0
-    gram, counts = _ngrams(ids, n)
+def _top_ngram_chars(gram: np.ndarray, counts: np.ndarray, lengths: np.ndarray, n: int) -> int:
+    """Word characters covered by the most frequent n-gram (ties: the one with more characters)."""
     if counts.max() < 2:
         return 0
     word_chars = np.concatenate([[0], np.cumsum(lengths)])
     gram_chars = np.zeros(len(counts), dtype=np.int64)
-    gram_chars[gram] = word_chars[n:] - word_chars[:-n]  # each n-gram's own characters
-    top = np.lexsort((gram_chars, counts))[-1]  # most frequent, then most characters
+    gram_chars[gram] = word_chars[n:] - word_chars[:-n]  # each distinct n-gram's characters
+    top = np.lexsort((gram_chars, counts))[-1]
     return _covered_chars(np.flatnonzero(gram == top), lengths, n)
 
 
-def _dup_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
-    if len(ids) < n:
-        return 0
-    gram, counts = _ngrams(ids, n)
-    return _covered_chars(np.flatnonzero(counts[gram] > 1), lengths, n)
+def _covered_chars(starts: np.ndarray, lengths: np.ndarray, n: int) -> int:
+    """Characters of the words covered by the n-grams starting at `starts`, each word once."""
+    size = len(lengths) + 1
+    depth = np.bincount(starts, minlength=size) - np.bincount(starts + n, minlength=size)
+    covered = np.cumsum(depth[:-1]) > 0  # (words,) inside at least one of the n-grams
+    return int(lengths[covered].sum())
 
 
 def _ratio(part: int, whole: int) -> float:

@@ -28,9 +28,7 @@ from stacklab.errors import DataError
 
 def is_heldout(doc_id: str, val_fraction: float) -> bool:
     """Whether the document with this id belongs to the held-out split."""
-    # surrogatepass: ids built from undecodable file names still hash, deterministically.
-    digest = hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    return _hash64(doc_id) / 2**64 < val_fraction
 
 
 def token_targets(weights: dict[str, float], budget: int) -> dict[str, int]:
@@ -81,7 +79,7 @@ def plan_mixture(lengths: dict[str, list[int]], targets: dict[str, int], seed: i
         )
     source_of = np.repeat(np.arange(len(names)), [len(p) for p in picks])
     index = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
-    perm = np.random.default_rng(seed).permutation(len(index))
+    perm = _rng(seed, "interleave").permutation(len(index))
     order = [
         (names[s], i) for s, i in zip(source_of[perm].tolist(), index[perm].tolist(), strict=True)
     ]
@@ -99,7 +97,7 @@ def _pick(name: str, sizes: np.ndarray, target: int, seed: int) -> np.ndarray:
             f"{target} tokens"
         )
     # Each source has its own stream, so adding a source does not change another's picks.
-    rng = np.random.default_rng([seed, _stable_int(name)])
+    rng = _rng(seed, f"source:{name}")
     epochs = -(-target // available)  # ceil: the epochs before the last are taken whole
     whole = [rng.permutation(len(sizes)) for _ in range(epochs)]
     need = target - (epochs - 1) * available  # tokens still wanted from the last epoch, > 0
@@ -108,5 +106,13 @@ def _pick(name: str, sizes: np.ndarray, target: int, seed: int) -> np.ndarray:
     return np.concatenate([*whole, last[:stop]])
 
 
-def _stable_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+def _rng(seed: int, purpose: str) -> np.random.Generator:
+    """A numpy generator for one purpose, from any int seed (negative ones included)."""
+    return np.random.default_rng(_hash64(f"{seed}:{purpose}"))
+
+
+def _hash64(text: str) -> int:
+    """The first 64 bits of sha256(text): stable across machines, runs and Python versions."""
+    # surrogatepass: ids built from undecodable file names still hash, deterministically.
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big")

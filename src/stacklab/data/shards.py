@@ -71,12 +71,13 @@ def write_split(
         n_tokens += len(doc) + 1
         if len(pending) > rows_per_shard * seq_len:
             pending = _cut_rows(pending, seq_len, writer)
-    pending = _cut_rows(pending, seq_len, writer)
+    _cut_rows(pending, seq_len, writer)
     writer.close()
     rows = sum(s["rows"] for s in writer.shards)
     if rows == 0:
         raise DataError(
-            f"split '{split}' has {n_tokens} tokens, fewer than one row of {seq_len + 1}"
+            f"split '{split}' has {n_tokens} tokens, fewer than one row of {seq_len + 1}; "
+            "add data or lower data.packing.seq_len"
         )
     return {
         "shards": writer.shards,
@@ -104,9 +105,8 @@ def _cut_rows(pending: list[int], seq_len: int, writer: _ShardWriter) -> list[in
     if n_rows <= 0:
         return pending
     stream = np.asarray(pending, dtype=writer.dtype)
-    windows = np.lib.stride_tricks.sliding_window_view(
-        stream, seq_len + 1
-    )  # [len-seq_len, row_len]
+    # Every window of row_len tokens, [len(stream) - seq_len, row_len]; rows start every seq_len.
+    windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
     writer.add(windows[: n_rows * seq_len : seq_len])
     return pending[n_rows * seq_len :]
 
@@ -114,7 +114,9 @@ def _cut_rows(pending: list[int], seq_len: int, writer: _ShardWriter) -> list[in
 class _ShardWriter:
     """Collects rows into a one-shard buffer and writes it out each time it fills."""
 
-    def __init__(self, out_dir: Path, split: str, rows_per_shard: int, row_len: int, dtype):
+    def __init__(
+        self, out_dir: Path, split: str, rows_per_shard: int, row_len: int, dtype: np.dtype
+    ):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir, self.split, self.dtype = out_dir, split, dtype
         self.buffer = np.empty((rows_per_shard, row_len), dtype=dtype)

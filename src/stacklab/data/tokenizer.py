@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,8 +73,8 @@ _HF_SETTINGS: dict[str, Any] = {
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train a byte-level BPE tokenizer of `cfg.vocab_size` ids (special tokens included).
 
-    Reads at most `cfg.train_chars` characters from `texts`, so the caller should pass them
-    in a well-mixed order.
+    Trains on all of `texts`: drawing a `cfg.train_chars` sample from the mixture is the
+    caller's job. The vocabulary comes out smaller when the texts have too few distinct pairs.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -91,27 +91,22 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_take_chars(texts, cfg.train_chars), trainer)
+    tok.train_from_iterator(texts, trainer)
     return tok
 
 
-def _take_chars(texts: Iterable[str], budget: int) -> Iterator[str]:
-    for text in texts:
-        if budget <= 0:
-            return
-        yield text[:budget]
-        budget -= len(text)
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
+    """Write the tokenizer to `path` (a folder, or a `.json` file in it); return the file.
 
-
-def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
-    """Write `tokenizer.json` and `tokenizer_config.json` into `out_dir`; return the former.
-
-    Each file is written to a temporary name and then renamed, so a crash never leaves a
-    half-written tokenizer behind.
+    `tokenizer_config.json` goes next to it so that `transformers` can load the folder; keep
+    the default name `tokenizer.json` for that. Each file is written to a temporary name and
+    then renamed, so a crash never leaves a half-written tokenizer behind.
     """
-    folder = Path(out_dir)
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / TOKENIZER_FILE
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / TOKENIZER_FILE
     _write_atomic(path, tok.to_str())
     hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", **_HF_SETTINGS}
     _write_atomic(folder / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
