@@ -135,6 +135,8 @@ def run_shards(ctx: StageContext) -> Metrics:
     recipe = ctx.recipe
     data = recipe.data
     tok = load_tokenizer(ctx.inputs["tokenizer"] / TOKENIZER)
+    # A document that happens to contain "<|endoftext|>" is text, not a boundary.
+    tok.encode_special_tokens = True
     vocab_size = tok.get_vocab_size()
     train, val = split_corpus(ctx.inputs["corpus"], data.mixture.val_fraction)
 
