@@ -140,3 +140,9 @@ def test_section_hash_is_canonical_and_local() -> None:
     # Explicitly writing a default gives the same hash as leaving it out.
     explicit = recipe_from_dict({"data": {"tasks": [ArithmeticTask().model_dump()]}})
     assert explicit.section_hash("data") == a.section_hash("data")
+
+
+def test_repetition_ngram_sizes_checked() -> None:
+    raw = {"data": {"filters": [{"name": "repetition", "max_top_ngram_char_frac": {0: 0.2}}]}}
+    with pytest.raises(RecipeError, match=r"max_top_ngram_char_frac: .*sizes must be >= 1"):
+        recipe_from_dict(raw)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklab.errors import StacklabError
+from stacklab.fileio import write_atomic
 from stacklab.recipe import Recipe, canonical_hash
 
 MARKER = "_COMPLETE.json"
@@ -153,7 +154,7 @@ class StageCache:
                 "seconds": round(time.perf_counter() - start, 3),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            _write_atomic(tmp / MARKER, json.dumps(record, indent=2))
+            write_atomic(tmp / MARKER, json.dumps(record, indent=2))
             _fsync_dir(tmp)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
@@ -183,7 +184,7 @@ def build(
     keys = stage_keys(recipe, stages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "recipe.yaml", recipe.to_yaml())
+    write_atomic(out / "recipe.yaml", recipe.to_yaml())
 
     result = BuildResult(out=out)
     for stage in stages:
@@ -213,21 +214,12 @@ def build(
         }
         for s in result.stages
     ]
-    _write_atomic(out / "build.json", json.dumps({"stages": report}, indent=2))
-    _write_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2, sort_keys=True))
+    write_atomic(out / "build.json", json.dumps({"stages": report}, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2, sort_keys=True))
     return result
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -121,6 +121,15 @@ class RepetitionFilter(Section):
     }
 
 
+    @field_validator("max_top_ngram_char_frac", "max_dup_ngram_char_frac")
+    @classmethod
+    def _ngram_sizes(cls, limits: dict[int, float]) -> dict[int, float]:
+        bad = [n for n, frac in limits.items() if n < 1 or not 0 <= frac <= 1]
+        if bad:
+            raise ValueError(f"n-gram sizes must be >= 1 and fractions in [0, 1]; bad: {bad}")
+        return limits
+
+
 class CharRatioFilter(Section):
     """Bounds on the share of character classes (letters, digits, whitespace, non-ASCII)."""
 

@@ -7,12 +7,12 @@ from the order it was read in), so held-out splits and dedup decisions are repro
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stacklab.errors import DataError
+from stacklab.fileio import atomic_open
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,11 @@ class Document:
 
 def write_jsonl(docs: Iterable[Document], path: Path) -> int:
     """Write documents as JSON Lines (via a temp file, then rename); return how many."""
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for doc in docs:
             f.write(json.dumps(asdict(doc), ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 
 from stacklab.data.tokenizer import EOT_ID
 from stacklab.errors import DataError
+from stacklab.fileio import write_atomic
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -139,9 +139,7 @@ class _ShardWriter:
     def _flush(self) -> None:
         name = f"{self.split}_{len(self.shards):05d}.bin"
         data = self.buffer[: self.filled].tobytes()
-        tmp = self.out_dir / (name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.out_dir / name)
+        write_atomic(self.out_dir / name, data)
         digest = hashlib.sha256(data).hexdigest()
         self.shards.append(
             {"file": name, "rows": self.filled, "bytes": len(data), "sha256": digest}
@@ -170,9 +168,7 @@ def write_index(
         "meta": meta,
     }
     path = Path(out_dir) / INDEX_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(index, indent=2) + "\n")
     return path
 
 

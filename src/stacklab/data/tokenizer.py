@@ -20,7 +20,6 @@ both here (`load_tokenizer`) and in `transformers` (`AutoTokenizer.from_pretrain
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stacklab.errors import DataError
+from stacklab.fileio import write_atomic
 from stacklab.recipe import TokenizerConfig
 
 if TYPE_CHECKING:
@@ -107,16 +107,10 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
         path = path / TOKENIZER_FILE
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, tok.to_str())
+    write_atomic(path, tok.to_str())
     hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", **_HF_SETTINGS}
-    _write_atomic(folder / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
+    write_atomic(folder / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
