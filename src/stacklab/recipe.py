@@ -249,16 +249,140 @@ class TokenizerConfig(Section):
 # --------------------------------------------------------------------------- later sections
 
 
+class MoEConfig(Section):
+    """Mixture of Experts in the MLP of every layer after the first `first_k_dense`."""
+
+    enabled: bool = False
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    expert_hidden: int | None = Field(
+        None, ge=1, description="hidden size of one expert; default: the dense hidden / top_k"
+    )
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = Field(True, description="renormalise the top-k weights to sum to 1")
+    routed_scaling: float = Field(1.0, gt=0, description="scale of the routed experts' sum")
+    num_shared_experts: int = Field(0, ge=0, description="experts every token goes through")
+    first_k_dense: int = Field(0, ge=0, description="the first k layers keep a dense MLP")
+    balance: Literal["aux_loss", "aux_free"] = Field(
+        "aux_loss",
+        description="aux_loss: Switch/GShard load-balancing loss; aux_free: DeepSeek-V3 bias",
+    )
+    aux_loss_coef: float = Field(0.01, ge=0)
+    z_loss_coef: float = Field(0.001, ge=0, description="router z-loss (ST-MoE)")
+    bias_update_rate: float = Field(0.001, ge=0, description="aux_free: bias step per update")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        return self
+
+
+class ModelDims(BaseModel):
+    """Every size of a model, resolved from the `depth` dial and any explicit settings."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    expert_hidden: int
+
+
 class ModelConfig(Section):
-    """The transformer (dense or MoE)."""
+    """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    `depth` is the one dial: layers = depth, width = depth × `aspect`, heads of `head_dim`.
+    Any size set explicitly wins over the derived one; `dims()` resolves them all.
+    """
+
+    depth: int = Field(4, ge=1)
+    aspect: int = Field(64, ge=8, description="d_model = depth × aspect unless set")
+    head_dim: int = Field(64, ge=8)
+    d_model: int | None = Field(None, ge=8)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="default: half the query heads")
+    ffn_hidden: int | None = Field(None, ge=8, description="default: 8/3 d_model, to 64s")
+    max_seq_len: int = Field(1024, ge=8)
+    rope_theta: float = Field(10_000.0, gt=0)
+    qk_norm: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-6, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+
+    def dims(self) -> ModelDims:
+        d_model = self.d_model or self.depth * self.aspect
+        n_heads = self.n_heads or max(1, d_model // self.head_dim)
+        n_kv = self.n_kv_heads or max(1, n_heads // 2)
+        if n_heads % n_kv:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
+        ffn = self.ffn_hidden or 64 * -(-(8 * d_model // 3) // 64)
+        expert = self.moe.expert_hidden or max(8, ffn // self.moe.top_k)
+        return ModelDims(
+            n_layers=self.depth,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=self.head_dim,
+            ffn_hidden=ffn,
+            expert_hidden=expert,
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        self.dims()
+        if self.moe.enabled and self.moe.first_k_dense > self.depth:
+            raise ValueError(
+                f"moe.first_k_dense ({self.moe.first_k_dense}) exceeds depth ({self.depth})"
+            )
+        return self
+
+
+class MuonConfig(Section):
+    """Muon for 2-D hidden weight matrices (embeddings, norms and the head stay on AdamW)."""
+
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(5, ge=1, le=20)
+    coefficients: Literal["quintic", "polar_express"] = Field(
+        "quintic",
+        description="Newton-Schulz iteration: the original fixed quintic (Jordan et al. 2024) "
+        "or the per-step Polar Express schedule (Amsel et al. 2025)",
+    )
 
 
 class OptimConfig(Section):
-    """Optimizer and learning-rate schedule."""
+    """Optimizer, learning-rate schedule and clipping."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (peak)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0, description="on matrices only, never norms or biases")
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak")
+    muon: MuonConfig = Field(default_factory=MuonConfig)
 
 
 class PretrainConfig(Section):
     """The pretraining loop."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="rows per micro-batch per process")
+    grad_accum: int = Field(1, ge=1)
+    ckpt_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, float32 on CPU"
+    )
+    compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun; fsdp: GPU only")
 
 
 class SFTConfig(Section):
@@ -271,6 +395,11 @@ class RLConfig(Section):
 
 class EvalConfig(Section):
     """Evaluation objectives."""
+
+    val_batches: int = Field(0, ge=0, description="held-out batches for val_bpb; 0: all")
+    batch_size: int = Field(16, ge=1)
+    task_problems: int = Field(200, ge=1, description="held-out problems per task")
+    max_new_tokens: int = Field(16, ge=1)
 
 
 # --------------------------------------------------------------------------- the recipe
