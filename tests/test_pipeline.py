@@ -154,3 +154,23 @@ def test_build_killed_mid_stage_completes_on_rerun(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "a" / "a.txt").read_text() == "0"
     assert result.metrics == {"a/seed": 0, "b/value": 4096}
     assert not list((cache / "a").glob("*.tmp-*"))
+
+
+def test_resumable_stage_keeps_its_work_directory(tmp_path: Path) -> None:
+    attempts: list[list[str]] = []
+
+    def run(ctx: StageContext) -> dict:
+        seen = sorted(p.name for p in ctx.out.iterdir())
+        attempts.append(seen)
+        (ctx.out / f"ckpt{len(attempts)}").write_text("x")
+        if len(attempts) == 1:
+            raise RuntimeError("killed")
+        return {"resumed_from": len(seen)}
+
+    stage = [Stage("train", 1, (), lambda r: {}, run, resumable=True)]
+    with pytest.raises(RuntimeError):
+        build(Recipe(), tmp_path / "run", stage, tmp_path / "cache")
+    result = build(Recipe(), tmp_path / "run", stage, tmp_path / "cache")
+    assert attempts == [[], ["ckpt1"]]
+    assert result.metrics == {"resumed_from": 1}
+    assert not list((tmp_path / "cache" / "train").glob("*.partial"))

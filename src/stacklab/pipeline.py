@@ -53,7 +53,8 @@ class Stage:
     `config` returns the settings the stage reads (its cache key covers nothing else, so it
     must return everything that changes the output); `fingerprint` identifies external inputs
     such as user data files by content. Bump `version` when the stage's code changes what it
-    writes.
+    writes. A `resumable` stage (training) finds its previous attempt's files in `ctx.out`
+    and must only trust what it wrote atomically there (its checkpoints).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Stage:
     config: Callable[[Recipe], Any]
     run: Callable[[StageContext], Metrics]
     fingerprint: Callable[[Recipe], Any] | None = None
+    resumable: bool = False  # keeps its work directory across killed builds (checkpoints)
 
 
 @dataclass
@@ -130,8 +132,15 @@ class StageCache:
             return None
         return json.loads(marker.read_text())["metrics"]
 
-    def build(self, stage: str, key: str, make: Callable[[Path], Metrics]) -> tuple[Metrics, bool]:
-        """Return (metrics, cached): run `make(tmp_dir)` unless another build already did."""
+    def build(
+        self, stage: str, key: str, make: Callable[[Path], Metrics], resumable: bool = False
+    ) -> tuple[Metrics, bool]:
+        """Return (metrics, cached): run `make(work_dir)` unless another build already did.
+
+        A resumable stage works in `<key>.partial`, which survives a killed build so the stage
+        can continue from its own checkpoints; any other stage starts from an empty
+        `<key>.tmp-*` directory every time.
+        """
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         with _locked(final.parent / f"{key}.lock"):
@@ -143,8 +152,12 @@ class StageCache:
                 shutil.rmtree(stale, ignore_errors=True)
             if final.exists():
                 shutil.rmtree(final)
-            tmp = final.parent / f"{key}.tmp-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
+            if resumable:
+                tmp = final.parent / f"{key}.partial"
+                tmp.mkdir(exist_ok=True)
+            else:
+                tmp = final.parent / f"{key}.tmp-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir()
             start = time.perf_counter()
             metrics = make(tmp)
             record = {
@@ -197,7 +210,7 @@ def build(
         def make(tmp: Path, stage: Stage = stage, inputs: dict[str, Path] = inputs) -> Metrics:
             return stage.run(StageContext(recipe=recipe, out=tmp, inputs=inputs))
 
-        metrics, cached = cache.build(stage.name, key, make)
+        metrics, cached = cache.build(stage.name, key, make, stage.resumable)
         path = cache.path(stage.name, key)
         _link(out / stage.name, path)
         result.stages.append(

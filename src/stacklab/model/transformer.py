@@ -1,0 +1,228 @@
+"""A decoder-only transformer in the form today's open models share.
+
+Pre-norm blocks with RMSNorm, rotary position embeddings, grouped-query attention through
+`scaled_dot_product_attention`, optional QK-norm, and a SwiGLU MLP or a Mixture of Experts.
+It is deliberately the Qwen3 / Qwen3-MoE / GLM-4-MoE layout, so a trained model exports to
+Hugging Face `transformers` and gives the same logits (see `stacklab.interop.hf`).
+
+One forward serves training (full causal sequences, the `is_causal` fast path), prefill and
+incremental decoding with a pre-allocated KV cache, and left-padded batches of prompts of
+different lengths (`key_mask` and per-row `positions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stacklab.model.layers import MLP, RMSNorm, apply_rope, rope_tables
+from stacklab.model.moe import MoE
+from stacklab.recipe import ModelConfig, ModelDims
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None  # mean cross-entropy over targets != -100
+    aux_loss: Tensor  # MoE load-balancing terms, 0 for dense models
+
+
+class KVCache:
+    """Keys and values of every layer, pre-allocated for `max_len` positions."""
+
+    def __init__(
+        self, dims: ModelDims, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (dims.n_layers, batch, dims.n_kv_heads, max_len, dims.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled so far
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, KV, T, hd] after the filled part; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dims: ModelDims) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
+        d = dims.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, D]
+        cos: Tensor,  # [B or 1, 1, T, hd]
+        sin: Tensor,
+        mask: Tensor | None,  # [B, 1, T, S] bool (True = attend), or None for plain causal
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dims.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, dims)
+        self.mlp_norm = RMSNorm(dims.d_model, cfg.norm_eps)
+        moe = cfg.moe
+        self.mlp: MLP | MoE
+        if moe.enabled and layer >= moe.first_k_dense:
+            self.mlp = MoE(dims.d_model, dims.expert_hidden, moe, cfg.init_std)
+        else:
+            self.mlp = MLP(dims.d_model, dims.ffn_hidden)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg, self.dims, self.vocab_size = cfg, cfg.dims(), vocab_size
+        d = self.dims.d_model
+        self.embed = nn.Embedding(vocab_size, d)
+        self.layers = nn.ModuleList(Block(cfg, self.dims, i) for i in range(self.dims.n_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(self.dims.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.dims.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                is_out = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [B, T]
+        targets: Tensor | None = None,  # [B, T], -100 = ignore
+        *,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,  # [B, T]; default: cache.length + arange(T)
+        key_mask: Tensor | None = None,  # [B, S] bool, S = cached + T; False = padding
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            if past + T > self.cfg.max_seq_len:
+                raise ValueError(f"{past + T} positions exceed max_seq_len {self.cfg.max_seq_len}")
+            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        cos = self.rope_cos[positions].unsqueeze(1)  # [B, 1, T, hd]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        mask = self._mask(B, T, past, key_mask, input_ids.device)
+
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+        return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x))
+
+    @staticmethod
+    def _mask(
+        B: int, T: int, past: int, key_mask: Tensor | None, device: torch.device
+    ) -> Tensor | None:
+        """None selects SDPA's causal fast path; otherwise a [B, 1, T, past+T] boolean mask."""
+        if past == 0 and key_mask is None:
+            return None
+        q_pos = torch.arange(past, past + T, device=device)
+        k_pos = torch.arange(past + T, device=device)
+        allowed = (k_pos[None, :] <= q_pos[:, None]).expand(B, T, past + T)
+        if key_mask is not None:
+            # A padding query would see no key at all (and SDPA would return NaN that spreads
+            # through later layers' values), so every query may always see itself.
+            allowed = allowed & key_mask[:, None, :] | (k_pos[None, :] == q_pos[:, None])
+        return allowed.unsqueeze(1)
+
+    def _aux_loss(self, x: Tensor) -> Tensor:
+        losses = [m.aux_loss for m in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else x.new_zeros(())
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.dims, batch, max_len or self.cfg.max_seq_len, p.dtype, p.device)
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters (tied weights once); `active`: only the top-k routed experts count."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            for moe in self.moe_layers():
+                per_expert = sum(p[0].numel() for p in (moe.gate_proj, moe.up_proj, moe.down_proj))
+                total -= (moe.cfg.num_experts - moe.cfg.top_k) * per_expert
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N + 12·L·H·hd·T (forward and backward).
+
+        N counts the active matmul parameters: every weight except the embedding lookup, with
+        the output head counted even when tied (it is a real matmul), and only the top-k
+        routed experts of each MoE layer. The second term is attention's score and value
+        products over a context of `seq_len` (Kaplan et al. 2020; PaLM appendix B).
+        """
+        d = self.dims
+        n = self.num_params(active=True) - self.embed.weight.numel()
+        n += self.lm_head.weight.numel()
+        return 6.0 * n + 12.0 * d.n_layers * d.n_heads * d.head_dim * seq_len
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> Transformer:
+    return Transformer(cfg, vocab_size)
