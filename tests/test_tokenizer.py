@@ -142,3 +142,13 @@ def test_bytes_per_token(tok):
     assert bytes_per_token(tok, _corpus()[:20]) > 1.5
     with pytest.raises(DataError):
         bytes_per_token(tok, [""])
+
+
+def test_minus_before_digit_is_its_own_token() -> None:
+    # Trained on text full of "=-", the prompt "7-80=" must stay a token prefix of the answer.
+    texts = [f"{a}-{a + b}=-{b}\nx = -{a}\n" for a in range(60) for b in range(1, 30)]
+    trained = train_tokenizer(texts, TokenizerConfig(vocab_size=VOCAB, min_frequency=2))
+    for text, prompt in (("7-80=-73", "7-80="), ("x=-5", "x="), ("a = -12", "a =")):
+        ids = trained.encode(text).ids
+        assert ids[: len(trained.encode(prompt).ids)] == trained.encode(prompt).ids, text
+        assert trained.decode(ids) == text

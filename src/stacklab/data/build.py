@@ -261,6 +261,6 @@ def corpus_fingerprint(recipe: Recipe) -> list[str]:
 
 DATA_STAGES = [
     Stage("corpus", 1, (), corpus_config, run_corpus, fingerprint=corpus_fingerprint),
-    Stage("tokenizer", 1, ("corpus",), tokenizer_config, run_tokenizer),
+    Stage("tokenizer", 2, ("corpus",), tokenizer_config, run_tokenizer),
     Stage("shards", 1, ("corpus", "tokenizer"), shards_config, run_shards),
 ]

@@ -8,7 +8,10 @@ Why these choices:
   honestly, so nothing is normalized, no prefix space is added and nothing is trimmed.
 * **Digits one per token.** BPE otherwise learns arbitrary digit chunks ("20", "245") from
   whatever numbers were frequent, which makes arithmetic needlessly hard to learn; splitting
-  digits individually (as Llama and DeepSeek do) gives every number a regular spelling.
+  digits individually (as Llama and DeepSeek do) gives every number a regular spelling. A
+  minus sign before a digit is split off too, so a negative number is "-" then its digits and
+  never merges with the punctuation before it (a prompt "7-80=" must be a token prefix of
+  "7-80=-73", or the model is asked to continue from a boundary it never saw).
 * **Fixed special-token ids.** Document boundaries, padding, ChatML turns and tool calls have
   the same ids (0..7) in every tokenizer we train, so packing, SFT masks and agent parsing can
   name them as constants, and they are never split or merged with neighbouring text.
@@ -24,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stacklab.errors import DataError
 from stacklab.fileio import write_atomic
@@ -79,6 +82,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            # A minus sign before a digit is its own token, so "=-73" never merges into
+            # "=-": a prompt ending in "=" is then a token prefix of every answer.
+            pre_tokenizers.Split(Regex(r"-(?=[0-9])"), behavior="isolated"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]

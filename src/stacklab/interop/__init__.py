@@ -1,0 +1,1 @@
+"""Moving models between stacklab and other ecosystems (today: Hugging Face `transformers`)."""
