@@ -7,6 +7,7 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ EXAMPLES = """examples:
   stacklab build my.yaml --set data.mixture.token_budget=500000 --out runs/small
   stacklab recipe tiny --set tokenizer.vocab_size=8192    show the resolved recipe
   stacklab tasks tiny --split eval -n 5          print held-out task problems
+  stacklab eval runs/tiny                        evaluate a built run again
+  stacklab export runs/tiny --format hf --out hf/tiny    write a transformers checkpoint
+  stacklab import hf/tiny --out runs/imported    start from a checkpoint on disk
 """
 
 
@@ -84,6 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
     p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a built run again (val_bpb, task accuracy)",
+        description="Re-evaluate RUN (a directory written by `stacklab build`) from its "
+        "recipe, tokenizer, shards and final pretrained model. --set patches the recipe's "
+        "eval settings first, e.g. --set eval.task_problems=1000.",
+    )
+    p.add_argument("run", metavar="RUN", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export",
+        help="export a run's model to Hugging Face transformers",
+        description="Write RUN's final model as a transformers checkpoint: Qwen3 (dense), "
+        "Qwen3-MoE (softmax router) or GLM-4-MoE (sigmoid router, shared experts), with the "
+        "tokenizer. Refuses, naming the field, when the recipe has no exact counterpart.",
+    )
+    p.add_argument("run", metavar="RUN", type=Path)
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", required=True, type=Path, help="new directory to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="import a Hugging Face checkpoint from disk as a stacklab run",
+        description="Read a Qwen3, Qwen3-MoE or GLM-4-MoE checkpoint folder (config.json, "
+        "safetensors, tokenizer) and write OUT/pretrain/final, OUT/tokenizer and "
+        "OUT/recipe.yaml, so post-training and export can start from it.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "tasks",
@@ -159,6 +198,57 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stacklab.evals.stage import evaluate_run
+    from stacklab.fileio import write_atomic
+
+    metrics = evaluate_run(args.run, args.overrides)
+    _print_metrics(metrics, f"evaluation of {args.run}")
+    if args.json:
+        write_atomic(args.json, json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stacklab.interop.hf import export_hf
+    from stacklab.train.checkpoint import load_model
+
+    model = load_model(_run_part(args.run, "pretrain") / "final")
+    out = export_hf(
+        model.cfg, model.vocab_size, model.state_dict(), _run_part(args.run, "tokenizer"), args.out
+    )
+    console.print(f"exported to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from stacklab.data.tokenizer import load_tokenizer, save_tokenizer
+    from stacklab.fileio import write_atomic
+    from stacklab.interop.hf import import_hf
+    from stacklab.recipe import Recipe
+    from stacklab.train.checkpoint import write_model
+
+    if args.out.exists():
+        raise StacklabError(f"{args.out} already exists; choose a new --out")
+    cfg, vocab_size, state, tokenizer_path = import_hf(args.hf_dir)
+    if tokenizer_path is None:
+        raise StacklabError(f"{args.hf_dir}: no tokenizer.json; a run needs its tokenizer")
+    args.out.mkdir(parents=True)
+    write_model(args.out / "pretrain" / "final", cfg, vocab_size, state)
+    save_tokenizer(load_tokenizer(tokenizer_path), args.out / "tokenizer")
+    recipe = Recipe(name=f"import:{args.hf_dir.name}", model=cfg)
+    write_atomic(args.out / "recipe.yaml", recipe.to_yaml())
+    console.print(f"imported {args.hf_dir} → {args.out} ({vocab_size} tokens, depth {cfg.depth})")
+    return 0
+
+
+def _run_part(run: Path, part: str) -> Path:
+    path = run / part
+    if not path.exists():
+        raise StacklabError(f"{run} has no {part}/: is it a run directory written by build?")
+    return path
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from stacklab.data.tasks import make_generator
     from stacklab.recipe import load_recipe
@@ -183,14 +273,18 @@ def _print_build(result, seconds: float) -> None:
         status = "[green]cached[/]" if s.cached else "[yellow]built[/]"
         table.add_row(s.name, status, f"{s.seconds:.1f}", str(s.path))
     console.print(table)
-    metrics = Table(title="metrics.json")
-    metrics.add_column("metric")
-    metrics.add_column("value", justify="right")
-    for name, value in sorted(result.metrics.items()):
-        metrics.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
-    console.print(metrics)
+    _print_metrics(result.metrics, "metrics.json")
     console.print(f"done in {seconds:.1f}s; metrics in {result.out / 'metrics.json'}")
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+    console.print(table)
