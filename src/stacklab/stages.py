@@ -1,6 +1,8 @@
 """The ordered list of build stages: the one place that says what `stacklab build` runs."""
 
 from stacklab.data.build import DATA_STAGES
+from stacklab.evals.stage import EVAL_STAGE
 from stacklab.pipeline import Stage
+from stacklab.train.pretrain import PRETRAIN_STAGE
 
-STAGES: list[Stage] = [*DATA_STAGES]
+STAGES: list[Stage] = [*DATA_STAGES, PRETRAIN_STAGE, EVAL_STAGE]
