@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -14,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from helpers import make_corpus, small_recipe
 from stacklab.cli import main
 from stacklab.data.build import DATA_STAGES
 from stacklab.data.loader import ShardLoader
@@ -23,42 +22,6 @@ from stacklab.data.shards import open_split
 from stacklab.data.tokenizer import EOT_ID, load_tokenizer
 from stacklab.pipeline import build
 from stacklab.recipe import load_recipe
-
-WORDS = [
-    "".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=3 + i % 6)) for i in range(400)
-]
-
-
-def make_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> None:
-    """Distinct pseudo-English documents of 80-200 words, one JSON object a line."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n_docs):
-            words = rng.choices(WORDS, k=rng.randint(80, 200))
-            text = " ".join(words) + f". Document {i} ends here.\n"
-            f.write(json.dumps({"text": text, "id": f"doc{i}"}) + "\n")
-
-
-def small_recipe(tmp_path: Path, **data_overrides: object) -> Path:
-    corpus = tmp_path / "corpus.jsonl"
-    if not corpus.exists():
-        make_corpus(corpus)
-    recipe = {
-        "name": "small",
-        "seed": 1,
-        "data": {
-            "sources": [{"kind": "jsonl", "name": "web", "path": "corpus.jsonl", "id_field": "id"}],
-            "filters": [{"name": "length", "min_chars": 50}],
-            "tasks": [{"kind": "arithmetic", "max_digits": 2, "weight": 0.2}],
-            "mixture": {"token_budget": 30_000, "val_fraction": 0.1, "val_token_budget": 3000},
-            "packing": {"seq_len": 32, "rows_per_shard": 200},
-            **data_overrides,
-        },
-        "tokenizer": {"vocab_size": 400, "train_chars": 200_000},
-    }
-    path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def test_build_writes_every_stage_and_metrics(tmp_path: Path) -> None:

@@ -1,0 +1,53 @@
+"""Small generated corpora and recipes shared by the end-to-end tests."""
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+WORDS = [
+    "".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=3 + i % 6)) for i in range(400)
+]
+
+# A model small enough to pretrain for a few dozen steps in about a second.
+SMALL_MODEL = {
+    "model": {"depth": 2, "aspect": 16, "head_dim": 16, "max_seq_len": 64},
+    "pretrain": {"steps": 30, "batch_size": 4, "ckpt_every": 10, "log_every": 10},
+    "optim": {"warmup_steps": 5},
+    "eval": {"task_problems": 16, "val_batches": 4, "max_new_tokens": 6},
+}
+
+
+def make_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> None:
+    """Distinct pseudo-English documents of 80-200 words, one JSON object a line."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n_docs):
+            words = rng.choices(WORDS, k=rng.randint(80, 200))
+            text = " ".join(words) + f". Document {i} ends here.\n"
+            f.write(json.dumps({"text": text, "id": f"doc{i}"}) + "\n")
+
+
+def small_recipe(tmp_path: Path, sections: dict | None = None, **data_overrides: object) -> Path:
+    """A recipe over a generated JSONL corpus in `tmp_path`; `sections` adds model etc."""
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        make_corpus(corpus)
+    recipe = {
+        "name": "small",
+        "seed": 1,
+        "data": {
+            "sources": [{"kind": "jsonl", "name": "web", "path": "corpus.jsonl", "id_field": "id"}],
+            "filters": [{"name": "length", "min_chars": 50}],
+            "tasks": [{"kind": "arithmetic", "max_digits": 2, "weight": 0.2}],
+            "mixture": {"token_budget": 30_000, "val_fraction": 0.1, "val_token_budget": 3000},
+            "packing": {"seq_len": 32, "rows_per_shard": 200},
+            **data_overrides,
+        },
+        "tokenizer": {"vocab_size": 400, "train_chars": 200_000},
+        **(sections or {}),
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
