@@ -4,7 +4,10 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import yaml
+
+from stacklab.data.shards import write_index, write_split
 
 WORDS = [
     "".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=3 + i % 6)) for i in range(400)
@@ -51,3 +54,12 @@ def small_recipe(tmp_path: Path, sections: dict | None = None, **data_overrides:
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def random_shards(folder: Path, vocab: int = 64, seq_len: int = 32, seed: int = 0) -> Path:
+    """A train split of 200 random documents (ids 8..vocab-1), rows of `seq_len` tokens."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(8, vocab, size=rng.integers(20, 80)).tolist() for _ in range(200)]
+    info = write_split(folder, "train", docs, seq_len, rows_per_shard=100, vocab_size=vocab)
+    write_index(folder, {"train": info}, meta={})
+    return folder

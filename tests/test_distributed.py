@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stacklab.data.shards import write_index, write_split
+from helpers import random_shards
 from stacklab.errors import StacklabError
 from stacklab.recipe import recipe_from_dict
 from stacklab.train.distributed import World, check_parallel
@@ -21,11 +21,7 @@ VOCAB, SEQ_LEN = 64, 32
 
 
 def make_shards(folder: Path) -> Path:
-    rng = np.random.default_rng(1)
-    docs = [rng.integers(8, VOCAB, size=rng.integers(20, 80)).tolist() for _ in range(200)]
-    info = write_split(folder, "train", docs, SEQ_LEN, rows_per_shard=100, vocab_size=VOCAB)
-    write_index(folder, {"train": info}, meta={})
-    return folder
+    return random_shards(folder, VOCAB, SEQ_LEN, seed=1)
 
 
 def moe_recipe(batch_size: int, **pretrain_cfg: object):

@@ -13,9 +13,9 @@ from stacklab.data.shards import open_split, write_index, write_split
 from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import EOT_ID, save_tokenizer, train_tokenizer
 from stacklab.evals.objectives import (
+    accuracy_by_task,
     encode_prompts,
     grade_tasks,
-    task_accuracy,
     token_bytes,
     val_bpb,
 )
@@ -171,9 +171,9 @@ def test_task_accuracy_of_right_wrong_and_random_models(tok) -> None:
 
     def accuracy(replies: dict[str, str]) -> float:
         model = Scripted(inner, tok, replies)
-        return task_accuracy(model, tok, [TASK], 12, 5, max_new_tokens=8, batch_size=5)[
-            "task_acc/arithmetic"
-        ]
+        return accuracy_by_task(
+            grade_tasks(model, tok, [TASK], 12, 5, max_new_tokens=8, batch_size=5)
+        )["task_acc/arithmetic"]
 
     assert accuracy({p.prompt: p.answer for p in problems}) == 1.0
 
@@ -183,7 +183,9 @@ def test_task_accuracy_of_right_wrong_and_random_models(tok) -> None:
 
     replies = {p.prompt: p.answer if i % 2 else wrong(i, p.answer) for i, p in enumerate(problems)}
     assert accuracy(replies) == 0.5
-    random_acc = task_accuracy(inner, tok, [TASK], 12, 5, max_new_tokens=8, batch_size=5)
+    random_acc = accuracy_by_task(
+        grade_tasks(inner, tok, [TASK], 12, 5, max_new_tokens=8, batch_size=5)
+    )
     assert random_acc == {"task_acc/arithmetic": 0.0}
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stacklab.data.shards import write_index, write_split
+from helpers import random_shards
 from stacklab.errors import StacklabError
 from stacklab.pipeline import build
 from stacklab.recipe import Recipe, load_recipe, recipe_from_dict
@@ -37,12 +37,7 @@ def one_thread():
 
 
 def make_shards(folder: Path) -> Path:
-    """A train split of random documents over a 64-token vocabulary, rows of 32 tokens."""
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(8, VOCAB, size=rng.integers(20, 80)).tolist() for _ in range(200)]
-    info = write_split(folder, "train", docs, SEQ_LEN, rows_per_shard=100, vocab_size=VOCAB)
-    write_index(folder, {"train": info}, meta={})
-    return folder
+    return random_shards(folder, VOCAB, SEQ_LEN, seed=0)
 
 
 def tiny_recipe(**sections: dict) -> Recipe:

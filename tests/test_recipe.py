@@ -146,3 +146,33 @@ def test_repetition_ngram_sizes_checked() -> None:
     raw = {"data": {"filters": [{"name": "repetition", "max_top_ngram_char_frac": {0: 0.2}}]}}
     with pytest.raises(RecipeError, match=r"max_top_ngram_char_frac: .*sizes must be >= 1"):
         recipe_from_dict(raw)
+
+
+def test_base_recipe_is_merged_under_the_file(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ndata:\n  sources: [{kind: jsonl, name: a, path: data/a.jsonl}]\n"
+        "  packing: {seq_len: 64, rows_per_shard: 10}\ntokenizer: {vocab_size: 512}\n"
+    )
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "child.yaml").write_text(
+        "base: ../base.yaml\nname: child\ndata:\n  packing: {seq_len: 128}\n"
+    )
+    r = load_recipe(sub / "child.yaml")
+    assert r.name == "child"
+    assert r.data.packing.seq_len == 128 and r.data.packing.rows_per_shard == 10
+    assert r.tokenizer.vocab_size == 512
+    assert r.data.sources[0].path == (tmp_path / "data" / "a.jsonl").resolve()
+
+
+def test_base_cycle_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_builtin_moe_variant() -> None:
+    r = load_recipe("tiny-moe")
+    assert r.model.moe.enabled and r.data == load_recipe("tiny").data

@@ -120,7 +120,6 @@ class RepetitionFilter(Section):
         10: 0.10,
     }
 
-
     @field_validator("max_top_ngram_char_frac", "max_dup_ngram_char_frac")
     @classmethod
     def _ngram_sizes(cls, limits: dict[int, float]) -> dict[int, float]:
@@ -451,12 +450,21 @@ def get_dotted(data: Any, dotted: str) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply `key=value` overrides, validate, and resolve paths.
+    """Read a recipe file, apply `key=value` overrides, and validate.
 
     `path` may also be the bare name of a built-in recipe (`tiny` → `recipes/tiny.yaml`).
-    Relative data paths are resolved against the recipe file's folder.
+    A recipe may start from another with `base: NAME_OR_PATH`: the base is read first and
+    this file's values are merged over it (mappings merge key by key; lists and values
+    replace). Relative data paths are resolved against the folder of the file that names them.
     """
     file = resolve_recipe_path(path)
+    recipe = recipe_from_dict(_read_raw(file), origin=str(file))
+    if overrides:
+        recipe = apply_overrides(recipe, overrides)
+    return recipe
+
+
+def _read_raw(file: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -465,10 +473,30 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(
             f"{file}: a recipe must be a mapping of sections, got {type(raw).__name__}"
         )
-    recipe = recipe_from_dict(raw, origin=str(file))
-    if overrides:
-        recipe = apply_overrides(recipe, overrides)
-    return _resolve_paths(recipe, file.parent)
+    data = raw.get("data")
+    for source in data.get("sources") or [] if isinstance(data, dict) else []:
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            source["path"] = str((file.parent / source["path"]).resolve())
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"{file}: base must be a recipe name or path, got {base!r}")
+    beside = file.parent / base
+    base_file = beside if beside.is_file() else resolve_recipe_path(base)
+    if base_file.resolve() in (*children, file.resolve()):
+        raise RecipeError(f"{file}: base recipes form a cycle through {base_file}")
+    return _merge(_read_raw(base_file, (*children, file.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
@@ -534,14 +562,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
             node[index] = value
         else:
             node = node[index]
-
-
-def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    for source in recipe.data.sources:
-        path = getattr(source, "path", None)
-        if path is not None and not Path(path).is_absolute():
-            source.path = (base / path).resolve()
-    return recipe
 
 
 # --------------------------------------------------------------------------- error messages

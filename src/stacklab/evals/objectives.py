@@ -121,20 +121,6 @@ def accuracy_by_task(graded: Iterable[Graded]) -> dict[str, float]:
     return {f"task_acc/{kind}": right[kind] / n for kind, n in asked.items()}
 
 
-def task_accuracy(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    task_cfgs: Iterable[TaskConfig],
-    n: int,
-    seed: int,
-    max_new_tokens: int,
-    batch_size: int,
-) -> dict[str, float]:
-    """`task_acc/<kind>` over `n` held-out problems of each task, greedy decoding."""
-    graded = grade_tasks(model, tokenizer, task_cfgs, n, seed, max_new_tokens, batch_size)
-    return accuracy_by_task(graded)
-
-
 def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """`[EOT] + ids(text)` for each text, special-token strings encoded as plain text."""
     previous = tokenizer.encode_special_tokens
