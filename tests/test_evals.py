@@ -14,6 +14,7 @@ from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import EOT_ID, save_tokenizer, train_tokenizer
 from stacklab.evals.objectives import (
     accuracy_by_task,
+    constant_answer_baseline,
     encode_prompts,
     grade_tasks,
     token_bytes,
@@ -215,7 +216,7 @@ def test_eval_stage_and_evaluate_run(tmp_path: Path, tok, shard_dir) -> None:
     inputs = {name: run / name for name in EVAL_STAGE.deps}
 
     metrics = evaluate(recipe, inputs, tmp_path)
-    assert set(metrics) == {"val_bpb", "task_acc/arithmetic"}
+    assert set(metrics) == {"val_bpb", "task_acc/arithmetic", "task_baseline/arithmetic"}
     assert 0 < metrics["val_bpb"] < 2 * math.log2(tok.get_vocab_size())
     lines = (tmp_path / COMPLETIONS).read_text().splitlines()
     assert len(lines) == 6
@@ -226,3 +227,12 @@ def test_eval_stage_and_evaluate_run(tmp_path: Path, tok, shard_dir) -> None:
     changed = recipe.model_copy(deep=True)
     changed.eval.max_new_tokens = 4
     assert EVAL_STAGE.config(changed) != EVAL_STAGE.config(recipe)
+
+
+def test_constant_answer_baseline_is_the_commonest_answers_share() -> None:
+    # One-digit products: "0" has 19 of the 100 problems (0*x, x*0), far ahead of any other
+    # answer, so the baseline is the share of held-out problems whose answer is 0.
+    task = ArithmeticTask(ops=["*"], min_digits=1, max_digits=1, eval_fraction=0.3)
+    problems = make_generator(task).problems("eval", 20, seed=3)
+    expected = sum(p.answer == "0" for p in problems) / len(problems)
+    assert 0 < constant_answer_baseline(task, 20, seed=3) == expected

@@ -18,11 +18,16 @@ completion with the task's strict `verify`. A prompt starts with the document-bo
 as every task document does in the pretraining stream, then the prompt text (special-token
 strings in it encoded as text, as in the shards). Completions are decoded with special tokens
 kept, so a stray one inside an answer is wrong rather than silently removed.
+
+**The chance level** of a task is `task_baseline/<kind>`: the accuracy of always giving the
+answer that is most frequent among training problems (for arithmetic, usually "0", from
+`x*0` and `x-x`). A model's accuracy means something only above it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -130,3 +135,21 @@ def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     finally:
         tokenizer.encode_special_tokens = previous
     return [[EOT_ID, *enc.ids] for enc in encodings]
+
+
+def constant_answer_baseline(cfg: TaskConfig, n: int, seed: int, draws: int = 5000) -> float:
+    """Accuracy on `n` held-out problems of always answering the commonest training answer.
+
+    The commonest answer is estimated from `draws` problems sampled (with repetition) from the
+    training split, as the pretraining stream samples them.
+    """
+    gen = make_generator(cfg)
+    rng = random.Random(f"baseline:{seed}")
+    answers: Counter[str] = Counter()
+    while sum(answers.values()) < draws:
+        problem = gen.sample(rng)
+        if gen.split_of(problem) == "train":
+            answers[problem.answer] += 1
+    commonest = answers.most_common(1)[0][0]
+    problems = gen.problems("eval", n, seed)
+    return sum(gen.verify(p, commonest) for p in problems) / len(problems)

@@ -15,7 +15,12 @@ from pathlib import Path
 import torch
 
 from stacklab.data.tokenizer import load_tokenizer
-from stacklab.evals.objectives import accuracy_by_task, grade_tasks, val_bpb
+from stacklab.evals.objectives import (
+    accuracy_by_task,
+    constant_answer_baseline,
+    grade_tasks,
+    val_bpb,
+)
 from stacklab.fileio import atomic_open
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.recipe import Recipe, load_recipe
@@ -43,6 +48,9 @@ def evaluate(recipe: Recipe, inputs: dict[str, Path], out: Path | None = None) -
         cfg.batch_size,
     )
     metrics.update(accuracy_by_task(graded))
+    for task in recipe.data.tasks:
+        baseline = constant_answer_baseline(task, cfg.task_problems, recipe.seed)
+        metrics[f"task_baseline/{task.kind}"] = round(baseline, 6)
     if out is not None:
         with atomic_open(out / COMPLETIONS) as f:
             for g in graded:
@@ -74,4 +82,4 @@ def run_eval(ctx: StageContext) -> Metrics:
     return evaluate(ctx.recipe, ctx.inputs, ctx.out)
 
 
-EVAL_STAGE = Stage("eval", 1, ("tokenizer", "shards", "pretrain"), eval_config, run_eval)
+EVAL_STAGE = Stage("eval", 2, ("tokenizer", "shards", "pretrain"), eval_config, run_eval)
