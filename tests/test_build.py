@@ -111,56 +111,41 @@ def test_user_file_change_invalidates_corpus(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main(args)
+def build_error(tmp_path: Path, recipe: Path, capsys, *extra: str) -> str:
+    """Run `stacklab build` expecting a user error; return the one error line it prints."""
+    args = ["build", str(recipe), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, *extra]) == 2
     out = capsys.readouterr()
-    return code, (out.out + out.err).strip()
+    text = out.out + out.err
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text
+    return errors[0]
 
 
 def test_missing_file_is_one_line_error(tmp_path: Path, capsys) -> None:
     path = small_recipe(tmp_path)
     (tmp_path / "corpus.jsonl").unlink()
-    code, out = run_cli(
-        ["build", str(path), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")],
-        capsys,
-    )
-    assert code == 2
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "corpus.jsonl" in errors[0] and "web" in errors[0]
+    line = build_error(tmp_path, path, capsys)
+    assert "corpus.jsonl" in line and "web" in line
 
 
 def test_empty_corpus_is_one_line_error(tmp_path: Path, capsys) -> None:
     path = small_recipe(tmp_path, filters=[{"name": "length", "min_chars": 100_000}])
-    code, out = run_cli(
-        ["build", str(path), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")],
-        capsys,
-    )
-    assert code == 2
-    assert "error:" in out and "empty" in out and "length" in out
+    line = build_error(tmp_path, path, capsys)
+    assert "empty" in line and "length" in line
 
 
 def test_unreadable_parquet_column_is_one_line_error(tmp_path: Path, capsys) -> None:
     pq.write_table(pa.table({"body": ["some text " * 20]}), tmp_path / "d.parquet")
-    path = small_recipe(
-        tmp_path, sources=[{"kind": "parquet", "name": "pq", "path": "d.parquet", "column": "text"}]
-    )
-    code, out = run_cli(
-        ["build", str(path), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")],
-        capsys,
-    )
-    assert code == 2
-    assert "error:" in out and "'text'" in out and "body" in out
+    source = {"kind": "parquet", "name": "pq", "path": "d.parquet", "column": "text"}
+    line = build_error(tmp_path, small_recipe(tmp_path, sources=[source]), capsys)
+    assert "'text'" in line and "body" in line
 
 
 def test_zero_token_budget_is_one_line_error(tmp_path: Path, capsys) -> None:
     path = small_recipe(tmp_path)
-    code, out = run_cli(
-        ["build", str(path), "--out", str(tmp_path / "r"), "--set", "data.mixture.token_budget=0"],
-        capsys,
-    )
-    assert code == 2
-    assert out.startswith("error:") and "data.mixture.token_budget" in out
-    assert len(out.splitlines()) == 1
+    line = build_error(tmp_path, path, capsys, "--set", "data.mixture.token_budget=0")
+    assert "data.mixture.token_budget" in line
 
 
 # --------------------------------------------------------------------------- SIGKILL
