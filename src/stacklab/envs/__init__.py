@@ -1,0 +1,1 @@
+"""Environments the agent acts in: the sandbox that runs the model's Python tool calls."""
