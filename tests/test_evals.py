@@ -17,6 +17,7 @@ from stacklab.evals.objectives import (
     constant_answer_baseline,
     encode_prompts,
     grade_tasks,
+    pass_at_k,
     token_bytes,
     val_bpb,
 )
@@ -236,3 +237,18 @@ def test_constant_answer_baseline_is_the_commonest_answers_share() -> None:
     problems = make_generator(task).problems("eval", 20, seed=3)
     expected = sum(p.answer == "0" for p in problems) / len(problems)
     assert 0 < constant_answer_baseline(task, 20, seed=3) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(10, 0, 1), (10, 3, 1), (10, 3, 5), (5, 1, 5), (20, 4, 8)]
+)
+def test_pass_at_k_matches_the_combinatorial_formula(n: int, c: int, k: int) -> None:
+    expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_edges() -> None:
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the plain success rate
+    assert pass_at_k(4, 1, 4) == 1.0
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)

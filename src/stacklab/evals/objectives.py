@@ -153,3 +153,19 @@ def constant_answer_baseline(cfg: TaskConfig, n: int, seed: int, draws: int = 50
     commonest = answers.most_common(1)[0][0]
     problems = gen.problems("eval", n, seed)
     return sum(gen.verify(p, commonest) for p in problems) / len(problems)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct (Chen et al. 2021, Codex).
+
+    1 - C(n-c, k) / C(n, k): the chance that k samples drawn without replacement from the n
+    include a correct one, computed as a running product so large n cannot overflow.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
