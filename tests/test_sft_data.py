@@ -194,3 +194,11 @@ def test_load_conversations_missing_or_empty(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no conversations"):
         load_conversations(tmp_path / "empty.jsonl")
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path) -> None:
+    path = tmp_path / "conv.jsonl"
+    good = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    path.write_bytes(good + b'\n{"messages": "\xff"}\n')
+    with pytest.raises(DataError, match=r"conv\.jsonl:2: not UTF-8"):
+        load_conversations(path)

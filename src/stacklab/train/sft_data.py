@@ -51,24 +51,27 @@ def load_conversations(path: str | Path) -> list[Conversation]:
     if not path.is_file():
         raise DataError(f"conversation file not found: {path}")
     conversations: list[Conversation] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-            except (ValueError, RecursionError) as exc:  # an integer too long, nesting too deep
-                raise DataError(f"{where}: invalid JSON ({type(exc).__name__})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise DataError(f'{where}: expected an object with a "messages" list')
-            try:
-                validate_messages(record["messages"])
-            except DataError as exc:
-                raise DataError(f"{where}: {exc}") from None
-            conversations.append(record["messages"])
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not UTF-8 (byte {exc.start})") from None
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long, nesting too deep
+            raise DataError(f"{where}: invalid JSON ({type(exc).__name__})") from None
+        if not isinstance(record, dict) or "messages" not in record:
+            raise DataError(f'{where}: expected an object with a "messages" list')
+        try:
+            validate_messages(record["messages"])
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        conversations.append(record["messages"])
     if not conversations:
         raise DataError(f"{path}: no conversations")
     return conversations
