@@ -1,1 +1,2 @@
-"""Environments the agent acts in: the sandbox that runs the model's Python tool calls."""
+"""Environments the model acts in: single-turn tasks and multi-turn tool agents, their tools,
+the Python sandbox, and the rollout loop that records what RL trains on."""
