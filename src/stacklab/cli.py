@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   stacklab eval runs/tiny                        evaluate a built run again
   stacklab export runs/tiny --format hf --out hf/tiny    write a transformers checkpoint
   stacklab import hf/tiny --out runs/imported    start from a checkpoint on disk
+  stacklab chat runs/tiny                        talk to a model (with tools)
 """
 
 
@@ -123,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", metavar="HF_DIR", type=Path)
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "chat",
+        help="talk to a run's model in the terminal, with tools",
+        description="Chat with RUN's final model in the ChatML format. The model may call a "
+        "calculator and a sandboxed Python tool; their results go back to it. /quit or end "
+        "of input leaves.",
+    )
+    p.add_argument("run", metavar="RUN", type=Path)
+    p.add_argument("--no-tools", action="store_true", help="do not offer tools")
+    p.add_argument("--system", help="the system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
         "tasks",
@@ -239,6 +255,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     recipe = Recipe(name=f"import:{args.hf_dir.name}", model=cfg)
     write_atomic(args.out / "recipe.yaml", recipe.to_yaml())
     console.print(f"imported {args.hf_dir} → {args.out} ({vocab_size} tokens, depth {cfg.depth})")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from stacklab.chat import chat
+
+    chat(
+        args.run, tools=not args.no_tools, system=args.system, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, console=console,
+    )  # fmt: skip
     return 0
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stacklab.data.chat import parse_assistant
+from stacklab.data.chat import AssistantTurn, parse_assistant
 from stacklab.data.tasks import ArithmeticGenerator, Split
 from stacklab.envs.base import Environment, Message, StepResult
 from stacklab.envs.tools import (
@@ -66,6 +66,20 @@ def system_prompt(toolbox: Toolbox) -> str:
     )
 
 
+def answer_tool_calls(turn: AssistantTurn, toolbox: Toolbox) -> tuple[list[Message], int]:
+    """The messages that answer an assistant turn's tool calls, and how many were errors.
+
+    Each call gets a `tool` message with its result; calls that could not be parsed come back
+    as one `user` message of `error: ...` lines, so the model sees what was wrong.
+    """
+    results = [toolbox.call(c.name, c.arguments) for c in turn.tool_calls]
+    messages: list[Message] = [{"role": "tool", "content": r} for r in results]
+    if turn.errors:
+        lines = "\n".join(f"error: {e}" for e in turn.errors)
+        messages.append({"role": "user", "content": lines})
+    return messages, len(turn.errors) + sum(r.startswith("error:") for r in results)
+
+
 class ToolEnv(Environment):
     """A question, a toolbox, and turns until an answer or the turn limit."""
 
@@ -96,15 +110,11 @@ class ToolEnv(Environment):
             given = parse_final_answer(turn.content)
             reward = 1.0 if given == self.task.answer else 0.0
             return StepResult([], True, reward, self._info(given=given))
-        results = [self.toolbox.call(c.name, c.arguments) for c in turn.tool_calls]
+        messages, errors = answer_tool_calls(turn, self.toolbox)
         self.tool_calls += len(turn.tool_calls)
-        self.tool_errors += len(turn.errors) + sum(r.startswith("error:") for r in results)
+        self.tool_errors += errors
         if self.turns >= self.max_turns:
             return StepResult([], True, 0.0, self._info(truncated=True))
-        messages: list[Message] = [{"role": "tool", "content": r} for r in results]
-        if turn.errors:
-            lines = "\n".join(f"error: {e}" for e in turn.errors)
-            messages.append({"role": "user", "content": lines})
         return StepResult(messages, False, 0.0, self._info())
 
     def _info(self, **extra: object) -> dict[str, object]:
