@@ -120,7 +120,7 @@ def test_random_model_rollout(tok, model, monkeypatch) -> None:
         if ep.truncated:
             assert ep.reward == 0.0
     assert sorted(ep.turns for ep in episodes) == [1, 1, 1, 1, 2, 3]
-    assert [ep.truncated for ep in episodes] == [False, False, True, False, True, False]
+    assert [ep.truncated for ep in episodes] == [False, False, False, True, True, True]
 
 
 def test_budget_must_fit_the_model(tok, model) -> None:

@@ -384,12 +384,81 @@ class PretrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun; fsdp: GPU only")
 
 
+AgentEnvName = Literal["calculator", "lookup"]
+RLEnvName = Literal["tasks", "calculator", "lookup"]
+
+
 class SFTConfig(Section):
-    """Supervised fine-tuning on chat-formatted data."""
+    """Supervised fine-tuning on chat-formatted data: loss on assistant tokens only.
+
+    The data is the training split of every `data.tasks` generator as one-turn conversations,
+    tool-use demonstrations for each of `agent_envs`, and any user JSONL files of
+    `{"messages": [...]}` records.
+    """
+
+    enabled: bool = False
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(16, ge=1, description="packed rows per step")
+    seq_len: int = Field(256, ge=16, description="tokens per packed row")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (peak)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="cosine decay to this share of lr")
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    task_examples: int = Field(2000, ge=0, description="conversations per data.tasks generator")
+    agent_envs: list[AgentEnvName] = Field(
+        default_factory=list, description="tool-use demonstrations for these environments"
+    )
+    agent_examples: int = Field(1000, ge=0, description="demonstrations per agent env")
+    data: list[Path] = Field(default_factory=list, description="user JSONL conversation files")
+    ckpt_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
 
 
 class RLConfig(Section):
-    """Reinforcement learning with verifiable rewards."""
+    """Reinforcement learning with verifiable rewards (the GRPO family), from the SFT model.
+
+    Each step samples `prompts_per_step` tasks from `envs`, plays `group_size` episodes of each
+    at `temperature`, turns rewards into group-relative advantages and takes `epochs` passes
+    of `loss` over the batch in minibatches of `minibatch_size` episodes.
+    """
+
+    enabled: bool = False
+    steps: int = Field(30, ge=1)
+    envs: list[RLEnvName] = Field(default_factory=lambda: ["tasks"], min_length=1)
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    max_turns: int = Field(4, ge=1, description="assistant turns per episode")
+    max_new_tokens: int = Field(48, ge=1, description="tokens per assistant turn")
+    token_budget: int = Field(384, ge=16, description="tokens per episode, prompt included")
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = "grpo"
+    advantage: Literal["group_std", "batch_std", "none"] = "group_std"
+    eps_low: float | None = Field(
+        None, gt=0, description="clip range below 1; None: the loss's own default"
+    )
+    eps_high: float | None = Field(
+        None, gt=0, description="clip range above 1; None: the loss's own default"
+    )
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups of equal rewards, refill")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rollout rounds/step")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty span; 0: off")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the frozen SFT model")
+    epochs: int = Field(1, ge=1, description="optimisation passes over each rollout batch")
+    minibatch_size: int = Field(64, ge=1, description="episodes per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant after warmup)")
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ckpt_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> RLConfig:
+        if self.max_new_tokens >= self.token_budget:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be below token_budget "
+                f"({self.token_budget})"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -399,6 +468,34 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1)
     task_problems: int = Field(200, ge=1, description="held-out problems per task")
     max_new_tokens: int = Field(16, ge=1)
+    task_format: Literal["auto", "raw", "chat"] = Field(
+        "auto",
+        description="raw: complete the bare prompt; chat: one user turn; auto: chat when SFT or "
+        "RL ran",
+    )
+    agent_envs: list[AgentEnvName] = Field(
+        default_factory=list, description="agent_success/<env> on held-out agent tasks"
+    )
+    agent_tasks: int = Field(100, ge=1, description="held-out tasks per agent env")
+    agent_max_turns: int = Field(4, ge=1)
+    agent_max_new_tokens: int = Field(48, ge=1)
+    agent_token_budget: int = Field(384, ge=16)
+    pass_k: list[int] = Field(
+        default_factory=list, description="pass@k per task for these k, from sampled answers"
+    )
+    pass_k_samples: int = Field(8, ge=1, description="samples per problem for pass@k")
+    pass_k_problems: int = Field(50, ge=1)
+    pass_k_temperature: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> EvalConfig:
+        if self.pass_k and max(self.pass_k) > self.pass_k_samples:
+            raise ValueError(
+                f"pass_k {self.pass_k} asks for more than pass_k_samples ({self.pass_k_samples})"
+            )
+        if any(k < 1 for k in self.pass_k):
+            raise ValueError(f"pass_k must be positive, got {self.pass_k}")
+        return self
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -477,6 +574,12 @@ def _read_raw(file: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
     for source in data.get("sources") or [] if isinstance(data, dict) else []:
         if isinstance(source, dict) and isinstance(source.get("path"), str):
             source["path"] = str((file.parent / source["path"]).resolve())
+    sft = raw.get("sft")
+    if isinstance(sft, dict) and isinstance(sft.get("data"), list):
+        sft["data"] = [
+            str((file.parent / item).resolve()) if isinstance(item, str) else item
+            for item in sft["data"]
+        ]
     base = raw.pop("base", None)
     if base is None:
         return raw

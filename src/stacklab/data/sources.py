@@ -70,6 +70,18 @@ def fingerprint(source: SourceConfig) -> str:
     return digest.hexdigest()
 
 
+def file_fingerprint(path: str | Path, key: str) -> str:
+    """sha256 of one user file's bytes; a missing file is a DataError naming `key`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}: file not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def stdlib_root() -> Path:
     """The folder holding this Python's standard library."""
     return Path(sysconfig.get_paths()["stdlib"])

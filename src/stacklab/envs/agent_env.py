@@ -56,13 +56,11 @@ def parse_final_answer(content: str) -> str | None:
 
 
 def system_prompt(toolbox: Toolbox) -> str:
+    """Short on purpose: every token of it is in every episode's prompt and RL batch."""
     return (
-        "You can call tools. To call one, write a block\n"
-        '<tool_call>\n{"name": "<tool name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
-        "Results come back in <tool_response> blocks. The tools:\n"
+        'Call a tool with <tool_call>{"name": ..., "arguments": {...}}</tool_call>. Tools:\n'
         f"{toolbox.describe()}\n"
-        "When you know the answer, reply without any tool call, with exactly one line:\n"
-        f"{ANSWER_PREFIX}<the answer>"
+        f"Finish with one line: {ANSWER_PREFIX}<the answer>"
     )
 
 

@@ -174,7 +174,7 @@ def _calculator(arguments: dict[str, Any]) -> str:
 
 CALCULATOR = Tool(
     "calculator",
-    "Evaluate an arithmetic expression exactly: numbers, + - * / // % **, parentheses.",
+    "exact arithmetic: numbers, + - * / // % **, parentheses",
     _string_parameters(expression="for example '123*456 - 7' or '(2**10 + 1) % 7'"),
     _calculator,
 )
@@ -246,13 +246,13 @@ def lookup_tools(store: KeyValueStore) -> list[Tool]:
     return [
         Tool(
             "search",
-            f"Find documents by words; returns the keys of up to {store.top_k} best matches.",
+            "keys of the documents that best match the words",
             _string_parameters(query="words to look for"),
             search,
         ),
         Tool(
             "get",
-            "Read the document stored under a key returned by search.",
+            "the document stored under a key",
             _string_parameters(key="a document key"),
             get,
         ),

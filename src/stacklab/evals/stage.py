@@ -1,9 +1,12 @@
-"""The eval stage: the pretrained model's objectives as a build's metrics.
+"""The eval stage: the final model's objectives as a build's metrics.
 
-It reads only its inputs' files (the tokenizer, the held-out shards and `pretrain/final`), so
-the same function re-evaluates a finished run directory (`evaluate_run`), whose stage links
-point at exactly those outputs. Besides the metrics it writes `completions.jsonl`, every task
-problem with the model's completion and its grade, to look at what the model got wrong.
+The final model is the newest one the build trained: `rl/final`, else `sft/final`, else
+`pretrain/final` (a disabled SFT or RL stage writes no model). Task accuracy is asked in the
+format the model was trained for (`eval.task_format`): the bare prompt after pretraining, one
+chat turn after SFT or RL. It reads only its inputs' files, so the same function re-evaluates a
+finished run directory (`evaluate_run`), whose stage links point at exactly those outputs.
+Besides the metrics it writes `completions.jsonl` (every task problem with the model's answer
+and its grade) and, with agent environments, `agent_episodes.jsonl` (every conversation).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from stacklab.data.tokenizer import load_tokenizer
+from stacklab.evals.episodes import grade_chat_tasks, pass_at_k_metrics, run_agents
 from stacklab.evals.objectives import (
     accuracy_by_task,
     constant_answer_baseline,
@@ -24,38 +28,61 @@ from stacklab.evals.objectives import (
 from stacklab.fileio import atomic_open
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.recipe import Recipe, load_recipe
-from stacklab.train.checkpoint import load_model
+from stacklab.train.checkpoint import final_model_dir, load_model
 
 COMPLETIONS = "completions.jsonl"
+AGENT_EPISODES = "agent_episodes.jsonl"
 
 
 def evaluate(recipe: Recipe, inputs: dict[str, Path], out: Path | None = None) -> Metrics:
-    """`val_bpb` and `task_acc/<kind>` of `inputs["pretrain"]/final`; completions into `out`."""
+    """Every objective of the build's final model; completions and episodes into `out`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(inputs["pretrain"] / "final").to(device)
+    model_dir = final_model_dir(inputs)
+    model = load_model(model_dir).to(device)
     tok = load_tokenizer(inputs["tokenizer"])
     cfg = recipe.eval
+    post_trained = model_dir != Path(inputs["pretrain"]) / "final"
+    chat = cfg.task_format == "chat" or (cfg.task_format == "auto" and post_trained)
     metrics: Metrics = {
         "val_bpb": round(val_bpb(model, inputs["shards"], tok, cfg.batch_size, cfg.val_batches), 6)
     }
-    graded = grade_tasks(
-        model,
-        tok,
-        recipe.data.tasks,
-        cfg.task_problems,
-        recipe.seed,
-        cfg.max_new_tokens,
-        cfg.batch_size,
-    )
+    tasks = recipe.data.tasks
+    if chat:
+        graded = grade_chat_tasks(
+            model, tok, tasks, cfg.task_problems, recipe.seed, cfg.max_new_tokens
+        )
+    else:
+        graded = grade_tasks(
+            model, tok, tasks, cfg.task_problems, recipe.seed, cfg.max_new_tokens, cfg.batch_size
+        )
     metrics.update(accuracy_by_task(graded))
-    for task in recipe.data.tasks:
+    for task in tasks:
         baseline = constant_answer_baseline(task, cfg.task_problems, recipe.seed)
         metrics[f"task_baseline/{task.kind}"] = round(baseline, 6)
+    if cfg.pass_k:
+        metrics.update(pass_at_k_metrics(model, tok, tasks, cfg, recipe.seed, chat))
+    agents = run_agents(model, tok, cfg, recipe.seed)
+    for result in agents:
+        metrics.update(result.metrics())
     if out is not None:
         with atomic_open(out / COMPLETIONS) as f:
             for g in graded:
                 row = {**asdict(g.problem), "completion": g.completion, "correct": g.correct}
                 f.write(json.dumps(row) + "\n")
+        if agents:
+            with atomic_open(out / AGENT_EPISODES) as f:
+                for result in agents:
+                    for ep, answer in zip(result.episodes, result.answers, strict=True):
+                        row = {
+                            "env": result.env,
+                            "answer": answer,
+                            "reward": ep.reward,
+                            "turns": ep.turns,
+                            "tool_calls": ep.tool_calls,
+                            "truncated": ep.truncated,
+                            "messages": ep.messages,
+                        }
+                        f.write(json.dumps(row) + "\n")
     return metrics
 
 
@@ -82,4 +109,6 @@ def run_eval(ctx: StageContext) -> Metrics:
     return evaluate(ctx.recipe, ctx.inputs, ctx.out)
 
 
-EVAL_STAGE = Stage("eval", 2, ("tokenizer", "shards", "pretrain"), eval_config, run_eval)
+EVAL_STAGE = Stage(
+    "eval", 3, ("tokenizer", "shards", "pretrain", "sft", "rl"), eval_config, run_eval
+)

@@ -112,6 +112,17 @@ def load_model(
     return model
 
 
+def final_model_dir(
+    inputs: dict[str, Path], order: tuple[str, ...] = ("rl", "sft", "pretrain")
+) -> Path:
+    """The newest trained model among a build's stage outputs: `<stage>/final` of the first
+    stage in `order` that wrote one (a disabled SFT or RL stage writes none)."""
+    for name in order:
+        if name in inputs and (Path(inputs[name]) / "final" / MODEL_FILE).is_file():
+            return Path(inputs[name]) / "final"
+    raise StacklabError(f"no trained model in any of {', '.join(order)}")
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -88,7 +88,7 @@ def pretrain(
             f"shards have seq_len {seq_len}, more than model.max_seq_len "
             f"{recipe.model.max_seq_len}; raise model.max_seq_len"
         )
-    with _deterministic(world.device.type == "cpu"):
+    with deterministic(world.device.type == "cpu"):
         return _train(recipe, shard_dir, work_dir, world, vocab_size, seq_len, on_step)
 
 
@@ -136,7 +136,7 @@ def _train(
             lr_scale = lr_factor(step - 1, cfg.steps, recipe.optim)
             micro = (_to(loader.next_batch(), world.device) for _ in range(cfg.grad_accum))
             loss, aux = train_step(model, wrapped, micro, cfg.grad_accum, autocast)
-            grad_norm = _clip_gradients(raw, recipe.optim.grad_clip)
+            grad_norm = clip_gradients(raw, recipe.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -294,9 +294,12 @@ class MetricsLog:
     checkpoint, or cut short mid-line) are dropped, so the file reads as one clean run.
     """
 
-    def __init__(self, work_dir: Path, resume_step: int, enabled: bool) -> None:
+    def __init__(
+        self, work_dir: Path, resume_step: int, enabled: bool, prefix: str = "pretrain"
+    ) -> None:
         self.path = work_dir / METRICS_FILE
         self.enabled = enabled
+        self.prefix = prefix
         self._file: Any = None
         self._tb: Any = None
         if not enabled:
@@ -318,7 +321,7 @@ class MetricsLog:
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step":
-                    self._tb.add_scalar(f"pretrain/{key}", value, record["step"])
+                    self._tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -378,7 +381,7 @@ def _describe(record: dict[str, float]) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
+def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
     """Clip the global gradient norm to `max_norm` (0: no clipping); return the norm before."""
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -408,7 +411,7 @@ def _to(batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Ten
 
 
 @contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
+def deterministic(enabled: bool) -> Iterator[None]:
     """Deterministic algorithms while training (on CPU); the previous setting afterwards."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()

@@ -1,0 +1,450 @@
+"""The RL stage: group rollouts in environments, verifiable rewards, a GRPO-family update.
+
+One step:
+
+1. **Sample.** `prompts_per_step` training tasks, shared round-robin among `rl.envs` (`tasks`:
+   the `data.tasks` generators, one turn; `calculator`, `lookup`: tool-using agents), each
+   played `group_size` times at `temperature` by `rollout`, env by env.
+2. **Score.** Each episode's reward comes from its environment (strict: 1 for the right answer
+   in the fixed format, else 0), plus DAPO's soft overlong penalty when `overlong_buffer > 0`.
+   With `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts
+   are sampled, up to `max_sampling_rounds` rollout rounds, to refill the batch.
+3. **Advantages** are group-relative (`group_advantages`, scaled per `rl.advantage`).
+4. **Update.** The log-probs of the sampled tokens under the policy before the update
+   (`old_logp`) are recomputed once by a full forward pass (the ratio is then exactly 1 at
+   the first minibatch, whatever numerical drift the KV-cache sampler had; the drift is
+   logged as `logprob_drift`). Then `epochs` passes over the batch in shuffled minibatches of
+   `minibatch_size` episodes, each an AdamW step on `LOSSES[rl.loss]` plus `kl_coef` times the
+   k3 KL to the frozen starting model. Only sampled tokens are in the mask: prompts, tool
+   responses and padding never enter the loss.
+
+Everything a step draws (tasks, the sampler's generator, the minibatch order) is seeded by
+(seed, step), so a checkpoint needs only weights, optimizer and scheduler, and a killed run
+resumes where it stopped. Per-step records go to `metrics.jsonl`: reward, accuracy per env,
+response length, entropy, KL, clip fraction, the dropped and uninformative group fractions,
+turns, tool calls, and where the time went (sampling vs update).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from stacklab.data.tasks import make_generator
+from stacklab.data.tokenizer import PAD_ID, load_tokenizer
+from stacklab.envs.base import Environment
+from stacklab.envs.rollout import Episode, rollout
+from stacklab.envs.suite import agent_tasks, make_env
+from stacklab.envs.tasks_env import TaskEnv
+from stacklab.errors import StacklabError
+from stacklab.model.transformer import Transformer
+from stacklab.pipeline import Metrics, Stage, StageContext
+from stacklab.progress import progress_bar
+from stacklab.recipe import OptimConfig, Recipe, RLConfig
+from stacklab.rl.advantages import group_advantages, informative_groups, overlong_penalty
+from stacklab.rl.losses import LOSSES, kl_k3
+from stacklab.train.checkpoint import (
+    final_model_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    restore_rng,
+    save_checkpoint,
+    write_model,
+)
+from stacklab.train.optim import build_optimizer
+from stacklab.train.pretrain import MetricsLog, clip_gradients, deterministic, read_metrics
+from stacklab.train.schedule import build_scheduler
+
+POOL_SIZE = 2000  # training tasks per environment that steps sample from
+CISPO_EPS_HIGH = 0.28  # our default upper bound of CISPO's weight when the recipe sets none
+FINAL_LOGS = 5  # rl/final_reward: mean over the last this-many steps
+
+
+# --------------------------------------------------------------------------- environments
+
+
+@dataclass
+class TaskSource:
+    """One environment of RL: a name, a pool of training tasks, and a factory of fresh envs
+    (episodes run in parallel, so each needs its own environment object)."""
+
+    name: str
+    tasks: list[Any]
+    new_env: Any  # () -> Environment
+
+
+def task_sources(recipe: Recipe, pool: int = POOL_SIZE) -> list[TaskSource]:
+    """The training tasks of every env in `rl.envs`: `tasks` is one source per data.tasks."""
+    cfg = recipe.rl
+    sources = []
+    for name in cfg.envs:
+        if name == "tasks":
+            for task_cfg in recipe.data.tasks:
+                gen = make_generator(task_cfg)
+                # At most half the training split, so distinct problems are quick to draw.
+                train_size = gen.space_size() * (1 - gen.eval_fraction)
+                problems = gen.problems(
+                    "train", max(1, min(pool, int(train_size / 2))), recipe.seed + 1
+                )
+
+                def new_task_env(gen: Any = gen) -> Environment:
+                    return TaskEnv(gen, "train")
+
+                sources.append(TaskSource(task_cfg.kind, problems, new_task_env))
+        else:
+            toolbox, tasks = agent_tasks(name, "train", pool, recipe.seed + 1)
+
+            def new_tool_env(name: str = name, toolbox: Any = toolbox) -> Environment:
+                return make_env(name, toolbox, [], cfg.max_turns)
+
+            sources.append(TaskSource(name, tasks, new_tool_env))
+    if not sources:
+        raise StacklabError("rl.envs names 'tasks' but data.tasks is empty")
+    return sources
+
+
+def share(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal counts, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclass
+class Batch:
+    """Episodes of informative and dropped groups, flattened, with their group advantages."""
+
+    episodes: list[Episode]
+    env_names: list[str]
+    advantages: Tensor  # [B]
+    rewards: Tensor  # [B], shaped (with any overlong penalty)
+    groups_sampled: int
+    groups_dropped: int
+    groups_uninformative: int
+
+
+def collect(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sources: list[TaskSource],
+    cfg: RLConfig,
+    seed: int,
+    step: int,
+) -> tuple[Batch, dict[str, list[Episode]]]:
+    """Roll out one step's groups; return the training batch and every episode by env."""
+    by_env: dict[str, list[Episode]] = defaultdict(list)
+    kept_eps: list[Episode] = []
+    kept_names: list[str] = []
+    kept_rewards: list[Tensor] = []
+    sampled = dropped = uninformative = 0
+    max_len = min(cfg.max_turns * cfg.max_new_tokens, cfg.token_budget)
+    for i, (source, n_prompts) in enumerate(
+        zip(sources, share(cfg.prompts_per_step, len(sources)), strict=True)
+    ):
+        if n_prompts == 0:
+            continue
+        have = 0
+        for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            rng = random.Random(f"{seed}/{step}/{i}/{round_}")
+            tasks = rng.sample(source.tasks, min(n_prompts - have, len(source.tasks)))
+            group_tasks = [t for t in tasks for _ in range(cfg.group_size)]
+            envs = [source.new_env() for _ in group_tasks]
+            generator = torch.Generator().manual_seed(rng.getrandbits(62))
+            episodes = rollout(
+                model,
+                tokenizer,
+                envs,
+                group_tasks,
+                max_turns=cfg.max_turns,
+                max_new_tokens=cfg.max_new_tokens,
+                token_budget=cfg.token_budget,
+                temperature=cfg.temperature,
+                generator=generator,
+            )
+            by_env[source.name] += episodes
+            rewards = torch.tensor([ep.reward for ep in episodes]).view(len(tasks), cfg.group_size)
+            if cfg.overlong_buffer > 0:
+                lengths = torch.tensor([sum(ep.mask) for ep in episodes]).view_as(rewards)
+                rewards = rewards + overlong_penalty(
+                    lengths, max_len, min(cfg.overlong_buffer, max_len)
+                )
+            informative = informative_groups(rewards)
+            sampled += len(tasks)
+            uninformative += int((~informative).sum())
+            keep = informative if cfg.dynamic_sampling else torch.ones_like(informative)
+            dropped += int((~keep).sum())
+            for g in keep.nonzero().flatten().tolist():
+                if have == n_prompts:
+                    break
+                kept_eps += episodes[g * cfg.group_size : (g + 1) * cfg.group_size]
+                kept_names += [source.name] * cfg.group_size
+                kept_rewards.append(rewards[g])
+                have += 1
+            if have == n_prompts:
+                break
+    if kept_rewards:
+        rewards = torch.stack(kept_rewards)
+        advantages = group_advantages(rewards, cfg.advantage).flatten()
+        flat = rewards.flatten()
+    else:
+        advantages = flat = torch.zeros(0)
+    batch = Batch(kept_eps, kept_names, advantages, flat, sampled, dropped, uninformative)
+    return batch, by_env
+
+
+def pad_episodes(episodes: list[Episode]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-padded `inputs`, `targets` [B, L-1], the sampled-token `mask` of the targets, and
+    the sampler's own log-probs laid out on it (0 elsewhere)."""
+    width = max(len(ep.ids) for ep in episodes)
+    ids = torch.full((len(episodes), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(episodes), width), dtype=torch.bool)
+    sampler_logp = torch.zeros((len(episodes), width))
+    for i, ep in enumerate(episodes):
+        ids[i, : len(ep.ids)] = torch.tensor(ep.ids)
+        mask[i, : len(ep.mask)] = torch.tensor(ep.mask)
+        sampler_logp[i, mask[i]] = torch.tensor(ep.logprobs, dtype=torch.float32)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:], sampler_logp[:, 1:]
+
+
+def token_logprobs(
+    model: Transformer, inputs: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log π(target | prefix) [B, T] at the sampling temperature, the token entropies [B, T],
+    and the MoE aux loss."""
+    out = model(inputs)
+    logp_all = F.log_softmax(out.logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy, out.aux_loss
+
+
+def loss_kwargs(cfg: RLConfig) -> dict[str, Any]:
+    """The clip settings of `cfg.loss` from the recipe; unset ones keep the loss's defaults."""
+    kwargs: dict[str, Any] = {}
+    if cfg.loss in ("grpo", "dr_grpo"):
+        if cfg.eps_low is not None:
+            kwargs["eps"] = cfg.eps_low
+        if cfg.loss == "dr_grpo":
+            kwargs["max_len"] = min(cfg.max_turns * cfg.max_new_tokens, cfg.token_budget)
+        return kwargs
+    if cfg.eps_low is not None:
+        kwargs["eps_low"] = cfg.eps_low
+    if cfg.eps_high is not None:
+        kwargs["eps_high"] = cfg.eps_high
+    elif cfg.loss == "cispo":
+        kwargs["eps_high"] = CISPO_EPS_HIGH
+    return kwargs
+
+
+def update(
+    model: Transformer,
+    ref: Transformer | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: Batch,
+    cfg: RLConfig,
+    seed: int,
+    step: int,
+) -> dict[str, float]:
+    """`epochs` passes of minibatch steps on the batch; the mean of each logged statistic."""
+    inputs, targets, mask, sampler_logp = pad_episodes(batch.episodes)
+    model.eval()  # no dropout exists, but be explicit: the old policy is scored as it sampled
+    with torch.no_grad():
+        old_logp, entropy, _ = token_logprobs(model, inputs, targets, cfg.temperature)
+        ref_logp = token_logprobs(ref, inputs, targets, cfg.temperature)[0] if ref else None
+    model.train()
+    counted = mask.sum().clamp(min=1)
+    stats: dict[str, list[float]] = defaultdict(list)
+    stats["entropy"].append(float((entropy * mask).sum() / counted))
+    stats["logprob_drift"].append(float(((old_logp - sampler_logp).abs() * mask).sum() / counted))
+    loss_fn, kwargs = LOSSES[cfg.loss], loss_kwargs(cfg)
+    order_gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    size = len(batch.episodes)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(size, generator=order_gen)
+        for start in range(0, size, cfg.minibatch_size):
+            idx = order[start : start + cfg.minibatch_size]
+            if not mask[idx].any():
+                continue  # episodes cut off before their first sampled token
+            width = int(mask[idx].any(0).nonzero().max()) + 1  # trim common right padding
+            mb = (inputs[idx, :width], targets[idx, :width], mask[idx, :width])
+            logp, _, aux = token_logprobs(model, mb[0], mb[1], cfg.temperature)
+            loss, loss_stats = loss_fn(
+                logp, old_logp[idx, :width], batch.advantages[idx], mb[2], **kwargs
+            )
+            total = loss + aux
+            if ref_logp is not None:
+                kl = kl_k3(logp, ref_logp[idx, :width], mb[2])
+                total = total + cfg.kl_coef * kl
+                stats["kl_ref"].append(kl.item())
+            total.backward()
+            stats["grad_norm"].append(float(clip_gradients(model, cfg.grad_clip)))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["loss"].append(loss.item())
+            stats["kl_old"].append(float(kl_k3(logp.detach(), old_logp[idx, :width], mb[2])))
+            for key, value in loss_stats.items():
+                stats[key].append(float(value))
+            if not torch.isfinite(total):
+                raise StacklabError(
+                    f"rl diverged: the loss is not finite at step {step} (lower rl.lr)"
+                )
+    for moe in model.moe_layers():
+        moe.update_bias()
+    return {key: sum(v) / len(v) for key, v in stats.items()}
+
+
+def episode_stats(batch: Batch, by_env: dict[str, list[Episode]]) -> dict[str, float]:
+    """Reward, accuracy per env, lengths, turns and tool calls of one step's rollouts."""
+    every = [ep for eps in by_env.values() for ep in eps]
+    record: dict[str, float] = {
+        "reward": sum(ep.reward for ep in every) / len(every),
+        "resp_len": sum(sum(ep.mask) for ep in every) / len(every),
+        "turns": sum(ep.turns for ep in every) / len(every),
+        "tool_calls": sum(ep.tool_calls for ep in every) / len(every),
+        "truncated_frac": sum(ep.truncated for ep in every) / len(every),
+        "dropped_frac": batch.groups_dropped / max(1, batch.groups_sampled),
+        "uninformative_frac": batch.groups_uninformative / max(1, batch.groups_sampled),
+        "episodes_trained": len(batch.episodes),
+    }
+    for name, eps in by_env.items():
+        record[f"acc/{name}"] = sum(ep.reward > 0 for ep in eps) / len(eps)
+    return record
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def rl_optim(cfg: RLConfig) -> OptimConfig:
+    return OptimConfig(
+        name="adamw",
+        lr=cfg.lr,
+        weight_decay=0.0,
+        grad_clip=cfg.grad_clip,
+        schedule="constant",
+        warmup_steps=cfg.warmup_steps,
+    )
+
+
+def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Metrics:
+    """RL from the model in `base`; checkpoints, `metrics.jsonl` and `final/` in `work_dir`."""
+    cfg = recipe.rl
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(base)
+    if cfg.token_budget > model.cfg.max_seq_len:
+        raise StacklabError(
+            f"rl.token_budget ({cfg.token_budget}) exceeds model.max_seq_len "
+            f"({model.cfg.max_seq_len})"
+        )
+    ref = load_model(base).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    sources = task_sources(recipe)
+    optim_cfg = rl_optim(cfg)
+    optimizer = build_optimizer(model, optim_cfg)
+    updates_per_step = cfg.epochs * -(-cfg.prompts_per_step * cfg.group_size // cfg.minibatch_size)
+    scheduler = build_scheduler(optimizer, cfg.steps * updates_per_step, optim_cfg)
+    ckpt_root = work_dir / "checkpoints"
+    step, seconds = 0, 0.0
+    if (found := latest_checkpoint(ckpt_root)) is not None:
+        ckpt = load_checkpoint(found, model.cfg)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        restore_rng(ckpt)
+        step, seconds = ckpt.step, ckpt.state["seconds"]
+    start = time.perf_counter()
+    with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="rl") as log:
+        task = bar.add_task("rl", total=cfg.steps, completed=step)
+        while step < cfg.steps:
+            step += 1
+            t0 = time.perf_counter()
+            batch, by_env = collect(model, tokenizer, sources, cfg, recipe.seed, step)
+            t1 = time.perf_counter()
+            record: dict[str, float] = {"step": step, **episode_stats(batch, by_env)}
+            if batch.episodes:
+                record.update(
+                    update(model, ref, optimizer, scheduler, batch, cfg, recipe.seed, step)
+                )
+            record["sample_seconds"] = t1 - t0
+            record["update_seconds"] = time.perf_counter() - t1
+            record["lr"] = scheduler.get_last_lr()[0]
+            log.write(record)
+            accs = " ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc/"))
+            bar.update(
+                task, completed=step, description=f"rl reward {record['reward']:.2f} · {accs}"
+            )
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                state = {
+                    "scheduler": scheduler.state_dict(),
+                    "seconds": seconds + time.perf_counter() - start,
+                }
+                save_checkpoint(
+                    ckpt_root, step, model.cfg, model.state_dict(), optimizer.state_dict(), state
+                )
+    seconds += time.perf_counter() - start
+    write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
+    return summary(work_dir, cfg, seconds)
+
+
+def summary(work_dir: Path, cfg: RLConfig, seconds: float) -> Metrics:
+    records = read_metrics(work_dir / "metrics.jsonl")
+    first, last = records[:FINAL_LOGS], records[-FINAL_LOGS:]
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        values = [r[key] for r in rows if key in r]
+        return round(sum(values) / len(values), 5) if values else float("nan")
+
+    metrics: Metrics = {
+        "rl/first_reward": mean(first, "reward"),
+        "rl/final_reward": mean(last, "reward"),
+        "rl/final_entropy": mean(last, "entropy"),
+        "rl/dropped_frac": mean(records, "dropped_frac"),
+        "rl/steps": cfg.steps,
+        "rl/seconds": round(seconds, 3),
+        "rl/sample_seconds": round(sum(r.get("sample_seconds", 0.0) for r in records), 3),
+        "rl/update_seconds": round(sum(r.get("update_seconds", 0.0) for r in records), 3),
+    }
+    for key in sorted({k for r in records for k in r if k.startswith("acc/")}):
+        metrics[f"rl/first_{key}"] = mean(first, key)
+        metrics[f"rl/final_{key}"] = mean(last, key)
+    return metrics
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_rl(ctx: StageContext) -> Metrics:
+    if not ctx.recipe.rl.enabled:
+        return {}
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
+    base = final_model_dir(ctx.inputs, ("sft", "pretrain"))
+    with deterministic(True):
+        metrics = train_rl(ctx.recipe, tokenizer, base, ctx.out)
+    shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
+    return metrics
+
+
+def rl_config(recipe: Recipe) -> dict[str, Any]:
+    if not recipe.rl.enabled:
+        return {"enabled": False}
+    return {
+        "rl": recipe.rl.model_dump(mode="json"),
+        "tasks": [t.model_dump(mode="json") for t in recipe.data.tasks],
+        "seed": recipe.seed,
+    }
+
+
+RL_STAGE = Stage("rl", 1, ("tokenizer", "pretrain", "sft"), rl_config, run_rl, resumable=True)

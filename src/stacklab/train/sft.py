@@ -1,0 +1,223 @@
+"""Supervised fine-tuning: the pretrained model learns the chat format, the tasks and tool use.
+
+The data (`sft_conversations`) is three kinds of conversation, all in the chat format of
+`data/chat.py`:
+
+* the training split of every `data.tasks` generator, one user turn and one answer each;
+* scripted tool-use demonstrations for each of `sft.agent_envs` (`envs/suite.py`), played
+  against the real tools, so every tool response in them is genuine;
+* the user's own JSONL files of `{"messages": [...]}` records (`sft.data`).
+
+They are packed into rows by `pack_sft`, whose targets are -100 everywhere but on assistant
+tokens: the loss never trains on prompts, system text or tool responses.
+
+Training is AdamW with warmup and cosine decay. Batch `s` is a pure function of the seed and
+the step (a seeded permutation of the rows per epoch), so a checkpoint needs only the weights,
+the optimizer, the scheduler and the random states, and a killed run resumes bit-exactly like
+pretraining does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from stacklab.data.sources import file_fingerprint
+from stacklab.data.tokenizer import load_tokenizer
+from stacklab.envs.base import Message
+from stacklab.envs.suite import demonstrations
+from stacklab.errors import StacklabError
+from stacklab.pipeline import Metrics, Stage, StageContext
+from stacklab.progress import progress_bar
+from stacklab.recipe import OptimConfig, Recipe, SFTConfig
+from stacklab.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    restore_rng,
+    save_checkpoint,
+    write_model,
+)
+from stacklab.train.optim import build_optimizer
+from stacklab.train.pretrain import (
+    METRICS_FILE,
+    MetricsLog,
+    clip_gradients,
+    deterministic,
+    read_metrics,
+)
+from stacklab.train.schedule import build_scheduler
+from stacklab.train.sft_data import SFTRows, load_conversations, pack_sft, task_conversations
+
+
+def sft_conversations(recipe: Recipe) -> list[list[Message]]:
+    """Every SFT conversation of the recipe: tasks, tool demonstrations, user files."""
+    cfg = recipe.sft
+    conversations = task_conversations(recipe.data.tasks, cfg.task_examples, recipe.seed)
+    for name in cfg.agent_envs:
+        conversations += demonstrations(name, cfg.agent_examples, recipe.seed)
+    for path in cfg.data:
+        conversations += load_conversations(path)
+    if not conversations:
+        raise StacklabError(
+            "sft: no training data (sft.task_examples is 0, sft.agent_envs and sft.data empty)"
+        )
+    return conversations
+
+
+def sft_optim(cfg: SFTConfig) -> OptimConfig:
+    """The AdamW settings of SFT, in the form the optimizer and scheduler builders take."""
+    return OptimConfig(
+        name="adamw",
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        schedule="cosine",
+        warmup_steps=min(cfg.warmup_steps, cfg.steps),
+        min_lr_frac=cfg.min_lr_frac,
+    )
+
+
+def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Row indices of 0-based `step`: consecutive slices of one seeded permutation per epoch."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out += perm[offset : offset + batch_size - len(out)].tolist()
+    return torch.tensor(out)
+
+
+def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Metrics:
+    """Fine-tune the model saved in `base`; checkpoints, `metrics.jsonl` and `final/` in
+    `work_dir`. Resumes from the newest checkpoint there."""
+    cfg = recipe.sft
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(base)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise StacklabError(
+            f"sft.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model.cfg.max_seq_len})"
+        )
+    rows = pack_sft(tokenizer, sft_conversations(recipe), cfg.seq_len, recipe.seed)
+    with deterministic(True):
+        return _train(recipe, model, rows, work_dir)
+
+
+def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics:
+    cfg = recipe.sft
+    optim_cfg = sft_optim(cfg)
+    torch.manual_seed(recipe.seed)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
+    ckpt_root = work_dir / "checkpoints"
+    step, seconds = 0, 0.0
+    if (found := latest_checkpoint(ckpt_root)) is not None:
+        ckpt = load_checkpoint(found, model.cfg)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        restore_rng(ckpt)
+        step, seconds = ckpt.step, ckpt.state["seconds"]
+
+    n_rows = rows.inputs.shape[0]
+    model.train()
+    start = time.perf_counter()
+    trained_tokens = 0
+    with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="sft") as log:
+        task = bar.add_task("sft", total=cfg.steps, completed=step)
+        while step < cfg.steps:
+            idx = batch_indices(n_rows, cfg.batch_size, step, recipe.seed)
+            step += 1
+            inputs, targets = rows.inputs[idx], rows.targets[idx]
+            out = model(inputs, targets)
+            (out.loss + out.aux_loss).backward()
+            grad_norm = clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for moe in model.moe_layers():
+                moe.update_bias()
+            if not torch.isfinite(out.loss):
+                raise StacklabError(
+                    f"sft diverged: the loss is {out.loss.item()} at step {step} (lower sft.lr)"
+                )
+            trained_tokens += int((targets != -100).sum())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write(
+                    {
+                        "step": step,
+                        "loss": out.loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(),
+                    }
+                )
+                bar.update(task, description=f"sft loss {out.loss.item():.3f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                state = {
+                    "scheduler": scheduler.state_dict(),
+                    "seconds": seconds + time.perf_counter() - start,
+                }
+                save_checkpoint(
+                    ckpt_root, step, model.cfg, model.state_dict(), optimizer.state_dict(), state
+                )
+            bar.update(task, completed=step)
+    seconds += time.perf_counter() - start
+    write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
+    losses = [r["loss"] for r in read_metrics(work_dir / METRICS_FILE)][-3:]
+    stats = rows.stats()
+    return {
+        "sft/final_loss": round(sum(losses) / len(losses), 5) if losses else float("nan"),
+        "sft/conversations": stats["conversations"],
+        "sft/rows": stats["rows"],
+        "sft/assistant_tokens": stats["assistant_tokens"],
+        "sft/dropped_too_long": stats["dropped_too_long"],
+        "sft/seconds": round(seconds, 3),
+        "sft/steps": cfg.steps,
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_sft(ctx: StageContext) -> Metrics:
+    if not ctx.recipe.sft.enabled:
+        return {}
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
+    metrics = sft(ctx.recipe, tokenizer, ctx.inputs["pretrain"] / "final", ctx.out)
+    shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)  # a finished stage never resumes
+    return metrics
+
+
+def sft_config(recipe: Recipe) -> dict[str, Any]:
+    if not recipe.sft.enabled:
+        return {"enabled": False}
+    return {
+        "sft": recipe.sft.model_dump(mode="json", exclude={"data"}),
+        "tasks": [t.model_dump(mode="json") for t in recipe.data.tasks],
+        "seed": recipe.seed,
+    }
+
+
+def sft_fingerprint(recipe: Recipe) -> list[str]:
+    """The user conversation files by content, so editing one retrains."""
+    if not recipe.sft.enabled:
+        return []
+    return [file_fingerprint(path, "sft.data") for path in recipe.sft.data]
+
+
+SFT_STAGE = Stage(
+    "sft",
+    1,
+    ("tokenizer", "pretrain"),
+    sft_config,
+    run_sft,
+    fingerprint=sft_fingerprint,
+    resumable=True,
+)

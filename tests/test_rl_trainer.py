@@ -1,0 +1,289 @@
+"""The RL stage: batches from rollouts, dynamic sampling, the update, and bit-exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stacklab.data.tasks import ArithmeticGenerator
+from stacklab.data.tokenizer import IM_END, train_tokenizer
+from stacklab.envs import rollout as rollout_module
+from stacklab.envs.rollout import Episode
+from stacklab.model.generation import Generation
+from stacklab.model.transformer import build_model
+from stacklab.recipe import ArithmeticTask, ModelConfig, Recipe, RLConfig, TokenizerConfig
+from stacklab.rl import trainer
+from stacklab.rl.advantages import group_advantages
+from stacklab.rl.trainer import (
+    RL_STAGE,
+    Batch,
+    collect,
+    loss_kwargs,
+    pad_episodes,
+    share,
+    task_sources,
+    token_logprobs,
+    train_rl,
+    update,
+)
+from stacklab.train.checkpoint import load_model, save_model
+
+TASK = ArithmeticTask(ops=["+"], min_digits=1, max_digits=1, eval_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    gen = ArithmeticGenerator(TASK)
+    texts = [gen.render(p) for p in gen.problems("train", 60, 0)] * 3
+    texts += ["user assistant system hello"] * 10
+    return train_tokenizer(texts, TokenizerConfig(vocab_size=300, min_frequency=2))
+
+
+def recipe(**rl: object) -> Recipe:
+    r = Recipe(seed=5)
+    r.data.tasks = [TASK]
+    settings = {
+        "enabled": True,
+        "steps": 3,
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "max_turns": 1,
+        "max_new_tokens": 4,
+        "token_budget": 40,
+        "minibatch_size": 2,
+        "lr": 1e-3,
+        "ckpt_every": 2,
+    }
+    r.rl = RLConfig(**{**settings, **rl})
+    return r
+
+
+def tiny_model(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64), vocab)
+
+
+def fake_generate(tok, answer):
+    """`generate` that replies `answer(problem prompt text)` to each prompt, log-prob -0.5."""
+    im_end = tok.token_to_id(IM_END)
+
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        outs = []
+        for prompt in prompts:
+            text = tok.decode(prompt, skip_special_tokens=False)
+            question = text.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+            tokens = tok.encode(answer(question)).ids[: max_new_tokens - 1]
+            outs.append(Generation(tokens, im_end, [-0.5] * (len(tokens) + 1)))
+        return outs
+
+    return generate
+
+
+def right(question: str) -> str:
+    a, b = question.rstrip("=").split("+")
+    return str(int(a) + int(b))
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_share_splits_evenly_larger_first() -> None:
+    assert share(7, 3) == [3, 2, 2]
+    assert share(2, 3) == [1, 1, 0]
+    assert sum(share(16, 5)) == 16
+
+
+def test_loss_kwargs_follow_the_loss_and_recipe() -> None:
+    assert loss_kwargs(RLConfig(loss="grpo")) == {}
+    assert loss_kwargs(RLConfig(loss="grpo", eps_low=0.1)) == {"eps": 0.1}
+    assert loss_kwargs(RLConfig(loss="dr_grpo", max_new_tokens=10, max_turns=3)) == {
+        "max_len": 30
+    }
+    assert loss_kwargs(RLConfig(loss="dapo", eps_low=0.2, eps_high=0.3)) == {
+        "eps_low": 0.2,
+        "eps_high": 0.3,
+    }
+    assert loss_kwargs(RLConfig(loss="gspo")) == {}
+    assert loss_kwargs(RLConfig(loss="cispo")) == {"eps_high": trainer.CISPO_EPS_HIGH}
+
+
+def test_pad_episodes_shifts_and_masks_exactly() -> None:
+    a = Episode([], [1, 2, 3, 4], [False, False, True, True], [-0.1, -0.2])
+    b = Episode([], [5, 6, 7], [False, True, False], [-0.3])
+    inputs, targets, mask, logp = pad_episodes([a, b])
+    assert inputs.tolist() == [[1, 2, 3], [5, 6, 7]]
+    assert targets.tolist() == [[2, 3, 4], [6, 7, 1]]  # 1 = <|pad|>
+    assert mask.tolist() == [[False, True, True], [True, False, False]]
+    assert torch.allclose(logp, torch.tensor([[0.0, -0.1, -0.2], [-0.3, 0.0, 0.0]]))
+
+
+def test_token_logprobs_gather_the_targets(tok) -> None:
+    model = tiny_model(tok.get_vocab_size())
+    inputs = torch.tensor([[3, 4, 5, 6]])
+    targets = torch.tensor([[4, 5, 6, 7]])
+    logp, entropy, _ = token_logprobs(model, inputs, targets, temperature=2.0)
+    full = torch.log_softmax(model(inputs).logits / 2.0, dim=-1)
+    assert torch.allclose(logp, full[0, torch.arange(4), targets[0]][None], atol=1e-6)
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-5)
+
+
+def test_recipe_rejects_a_turn_longer_than_the_budget() -> None:
+    with pytest.raises(ValueError, match="token_budget"):
+        RLConfig(max_new_tokens=64, token_budget=64)
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def test_collect_groups_rewards_and_advantages(tok, monkeypatch) -> None:
+    """Odd group members answer wrong: every group is informative, advantages are ±."""
+    calls = {"n": 0}
+    base = fake_generate(tok, right)
+
+    def alternating(model, prompts, max_new_tokens, **kwargs):
+        outs = base(model, prompts, max_new_tokens, **kwargs)
+        for i, out in enumerate(outs):
+            if i % 2:
+                out.tokens = tok.encode("x").ids
+                out.logprobs = [-0.5] * (len(out.tokens) + 1)
+        calls["n"] += 1
+        return outs
+
+    monkeypatch.setattr(rollout_module, "generate", alternating)
+    r = recipe(prompts_per_step=3, group_size=2)
+    model = tiny_model(tok.get_vocab_size())
+    batch, by_env = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
+    assert calls["n"] == 1 and len(batch.episodes) == 6 and batch.env_names == ["arithmetic"] * 6
+    assert batch.rewards.tolist() == [1.0, 0.0] * 3
+    expected = group_advantages(torch.tensor([[1.0, 0.0]] * 3), "group_std").flatten()
+    assert torch.allclose(batch.advantages, expected)
+    assert (batch.groups_sampled, batch.groups_dropped, batch.groups_uninformative) == (3, 0, 0)
+    assert len(by_env["arithmetic"]) == 6
+    # Same step, same tasks; another step, other tasks.
+    again, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
+    later, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=2)
+    assert [e.messages[0] for e in again.episodes] == [e.messages[0] for e in batch.episodes]
+    assert [e.messages[0] for e in later.episodes] != [e.messages[0] for e in batch.episodes]
+
+
+def test_dynamic_sampling_drops_equal_groups_and_refills(tok, monkeypatch) -> None:
+    """All answers right: every group has equal rewards; without dynamic sampling they are
+    kept (zero advantages), with it each round's groups are dropped until the rounds run out."""
+    monkeypatch.setattr(rollout_module, "generate", fake_generate(tok, right))
+    model = tiny_model(tok.get_vocab_size())
+    plain = recipe(prompts_per_step=2)
+    batch, _ = collect(model, tok, task_sources(plain), plain.rl, plain.seed, step=1)
+    assert len(batch.episodes) == 4 and batch.advantages.abs().max() == 0
+    assert (batch.groups_sampled, batch.groups_dropped, batch.groups_uninformative) == (2, 0, 2)
+
+    dyn = recipe(prompts_per_step=2, dynamic_sampling=True, max_sampling_rounds=3)
+    batch, by_env = collect(model, tok, task_sources(dyn), dyn.rl, dyn.seed, step=1)
+    assert batch.episodes == [] and batch.advantages.numel() == 0
+    assert (batch.groups_sampled, batch.groups_dropped) == (6, 6)  # 3 rounds of 2 groups
+    assert len(by_env["arithmetic"]) == 12
+
+
+def test_dynamic_sampling_keeps_informative_groups_only(tok, monkeypatch) -> None:
+    """Right only on even problems' first answer: groups of even problems are informative."""
+    base = fake_generate(tok, right)
+
+    def mixed(model, prompts, max_new_tokens, **kwargs):
+        outs = base(model, prompts, max_new_tokens, **kwargs)
+        for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
+            question = tok.decode(prompt, skip_special_tokens=False).split("user\n")[-1]
+            first = int(question.split("+")[0])
+            if i % 2 or first % 2:
+                out.tokens = tok.encode("x").ids
+        return outs
+
+    monkeypatch.setattr(rollout_module, "generate", mixed)
+    dyn = recipe(prompts_per_step=2, dynamic_sampling=True, max_sampling_rounds=6)
+    model = tiny_model(tok.get_vocab_size())
+    batch, _ = collect(model, tok, task_sources(dyn), dyn.rl, dyn.seed, step=1)
+    assert len(batch.episodes) == 4
+    assert batch.rewards.view(2, 2).tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert batch.groups_dropped == batch.groups_sampled - 2
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def test_update_raises_the_logprob_of_rewarded_answers(tok, monkeypatch) -> None:
+    monkeypatch.setattr(rollout_module, "generate", fake_generate(tok, right))
+    r = recipe(prompts_per_step=1, group_size=2, minibatch_size=2, lr=1e-2)
+    model = tiny_model(tok.get_vocab_size())
+    batch, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
+    batch = Batch(
+        batch.episodes, batch.env_names, torch.tensor([1.0, -1.0]), batch.rewards, 1, 0, 0
+    )
+    inputs, targets, mask, _ = pad_episodes(batch.episodes)
+    before = token_logprobs(model, inputs, targets, 1.0)[0].detach()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    stats = update(model, None, optimizer, scheduler, batch, r.rl, r.seed, step=1)
+    after = token_logprobs(model, inputs, targets, 1.0)[0].detach()
+    # Both episodes hold the same tokens, so the ±1 advantages cancel: nothing to learn...
+    assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+    assert torch.allclose(before, after, atol=1e-6)
+    # ...while a lone positive advantage raises the sampled tokens' log-probs.
+    batch = Batch(batch.episodes[:1], ["arithmetic"], torch.tensor([1.0]), batch.rewards[:1], 1, 0, 0)
+    update(model, None, optimizer, scheduler, batch, r.rl, r.seed, step=2)
+    later = token_logprobs(model, inputs, targets, 1.0)[0].detach()
+    assert ((later - after)[0][mask[0]] > 0).all()
+    assert stats["entropy"] > 0 and "logprob_drift" in stats and "kl_old" in stats
+
+
+def test_kl_to_the_reference_is_logged_and_zero_at_the_start(tok, monkeypatch) -> None:
+    monkeypatch.setattr(rollout_module, "generate", fake_generate(tok, right))
+    r = recipe(prompts_per_step=1, group_size=2, kl_coef=0.1)
+    model = tiny_model(tok.get_vocab_size())
+    ref = tiny_model(tok.get_vocab_size()).requires_grad_(False)
+    batch, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    stats = update(model, ref, optimizer, scheduler, batch, r.rl, r.seed, step=1)
+    assert stats["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_train_rl_writes_a_model_and_resumes_bit_exactly(tmp_path: Path, tok) -> None:
+    """Real sampling from a tiny model: 3 steps straight vs 2 steps, then resumed to 3."""
+    base = tmp_path / "base"
+    save_model(tiny_model(tok.get_vocab_size()), base)
+    r = recipe(steps=3, ckpt_every=2)
+    straight = train_rl(r, tok, base, tmp_path / "a")
+    short = recipe(steps=2, ckpt_every=2)
+    train_rl(short, tok, base, tmp_path / "b")
+    resumed = train_rl(r, tok, base, tmp_path / "b")
+    a, b = load_model(tmp_path / "a" / "final"), load_model(tmp_path / "b" / "final")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
+            for line in lines
+        ]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
+    assert {k: v for k, v in straight.items() if "seconds" not in k} == {
+        k: v for k, v in resumed.items() if "seconds" not in k
+    }
+    assert {"rl/final_reward", "rl/final_acc/arithmetic", "rl/dropped_frac"} <= set(straight)
+    record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("reward", "acc/arithmetic", "resp_len", "entropy", "clip_frac", "kl_old"):
+        assert key in record
+
+
+def test_stage_config_ignores_settings_while_disabled() -> None:
+    off = Recipe()
+    other = Recipe()
+    other.rl.lr = 1.0
+    assert RL_STAGE.config(off) == RL_STAGE.config(other) == {"enabled": False}
+    on = recipe()
+    changed = recipe(loss="dapo")
+    assert RL_STAGE.config(on) != RL_STAGE.config(changed)
