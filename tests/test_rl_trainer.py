@@ -97,9 +97,7 @@ def test_share_splits_evenly_larger_first() -> None:
 def test_loss_kwargs_follow_the_loss_and_recipe() -> None:
     assert loss_kwargs(RLConfig(loss="grpo")) == {}
     assert loss_kwargs(RLConfig(loss="grpo", eps_low=0.1)) == {"eps": 0.1}
-    assert loss_kwargs(RLConfig(loss="dr_grpo", max_new_tokens=10, max_turns=3)) == {
-        "max_len": 30
-    }
+    assert loss_kwargs(RLConfig(loss="dr_grpo", max_new_tokens=10, max_turns=3)) == {"max_len": 30}
     assert loss_kwargs(RLConfig(loss="dapo", eps_low=0.2, eps_high=0.3)) == {
         "eps_low": 0.2,
         "eps_high": 0.3,
@@ -227,7 +225,9 @@ def test_update_raises_the_logprob_of_rewarded_answers(tok, monkeypatch) -> None
     assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
     assert torch.allclose(before, after, atol=1e-6)
     # ...while a lone positive advantage raises the sampled tokens' log-probs.
-    batch = Batch(batch.episodes[:1], ["arithmetic"], torch.tensor([1.0]), batch.rewards[:1], 1, 0, 0)
+    batch = Batch(
+        batch.episodes[:1], ["arithmetic"], torch.tensor([1.0]), batch.rewards[:1], 1, 0, 0
+    )
     update(model, None, optimizer, scheduler, batch, r.rl, r.seed, step=2)
     later = token_logprobs(model, inputs, targets, 1.0)[0].detach()
     assert ((later - after)[0][mask[0]] > 0).all()

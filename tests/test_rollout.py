@@ -119,8 +119,9 @@ def test_random_model_rollout(tok, model, monkeypatch) -> None:
             assert gap.endswith("<|im_end|>\n<|im_start|>assistant\n")
         if ep.truncated:
             assert ep.reward == 0.0
-    assert sorted(ep.turns for ep in episodes) == [1, 1, 1, 1, 2, 3]
-    assert [ep.truncated for ep in episodes] == [False, False, False, True, True, True]
+    # A snapshot of this seed's sampled play.
+    assert sorted(ep.turns for ep in episodes) == [1, 1, 1, 1, 3, 3]
+    assert [ep.truncated for ep in episodes] == [False, False, False, False, True, False]
 
 
 def test_budget_must_fit_the_model(tok, model) -> None:

@@ -84,13 +84,6 @@ def tiny_recipe(**sft_fields: object) -> Recipe:
     return recipe
 
 
-def train(recipe: Recipe, tok, base: Path, work: Path) -> dict:
-    """`sft` into `work`, created first (`sft` does not create it; see
-    test_sft_creates_its_work_dir)."""
-    work.mkdir(parents=True, exist_ok=True)
-    return sft(recipe, tok, base, work)
-
-
 def write_jsonl(path: Path, chats: list[list[dict]]) -> Path:
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     return path
@@ -156,7 +149,7 @@ def test_batch_indices_deterministic_and_seeded() -> None:
 
 def test_sft_writes_final_model_and_metrics(tok, base, tmp_path) -> None:
     recipe = tiny_recipe()
-    metrics = train(recipe, tok, base, tmp_path)
+    metrics = sft(recipe, tok, base, tmp_path)
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert (tmp_path / "final" / "model.json").is_file()
     assert set(metrics) == {
@@ -187,15 +180,11 @@ def test_sft_writes_final_model_and_metrics(tok, base, tmp_path) -> None:
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_000006"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sft.py logs scheduler.get_last_lr() after scheduler.step(): the next step's lr",
-)
 def test_logged_lr_is_the_lr_of_that_step(tok, base, tmp_path) -> None:
     """Like pretraining's log: warmup over 2 steps to the peak, then cosine decay to
     min_lr_frac of it at the last step."""
     recipe = tiny_recipe()
-    train(recipe, tok, base, tmp_path)
+    sft(recipe, tok, base, tmp_path)
     optim = sft_optim(recipe.sft)
     expected = [recipe.sft.lr * lr_factor(s, 6, optim) for s in range(6)]
     assert [r["lr"] for r in log(tmp_path)] == pytest.approx(expected, rel=1e-9)
@@ -203,7 +192,6 @@ def test_logged_lr_is_the_lr_of_that_step(tok, base, tmp_path) -> None:
     assert expected[-1] == pytest.approx(recipe.sft.lr * recipe.sft.min_lr_frac)
 
 
-@pytest.mark.xfail(strict=True, reason="sft() does not create work_dir (pretrain() does)")
 def test_sft_creates_its_work_dir(tok, base, tmp_path) -> None:
     sft(tiny_recipe(steps=2), tok, base, tmp_path / "new" / "work")
     assert (tmp_path / "new" / "work" / "final" / "model.safetensors").is_file()
@@ -211,7 +199,7 @@ def test_sft_creates_its_work_dir(tok, base, tmp_path) -> None:
 
 def test_sft_loss_goes_down_on_a_tiny_dataset(tok, base, tmp_path) -> None:
     recipe = tiny_recipe(steps=40, task_examples=3, seq_len=64, lr=1e-2, ckpt_every=40)
-    metrics = train(recipe, tok, base, tmp_path)
+    metrics = sft(recipe, tok, base, tmp_path)
     assert metrics["sft/rows"] == 1  # the same row, every step
     losses = [r["loss"] for r in log(tmp_path)]
     assert len(losses) == 40
@@ -226,7 +214,7 @@ class Crash(Exception):
 
 def test_crash_and_resume_is_bit_exact(tok, base, tmp_path, monkeypatch) -> None:
     recipe = tiny_recipe()
-    clean = train(recipe, tok, base, tmp_path / "clean")
+    clean = sft(recipe, tok, base, tmp_path / "clean")
 
     real_save = sft_module.save_checkpoint
 
@@ -237,14 +225,14 @@ def test_crash_and_resume_is_bit_exact(tok, base, tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(sft_module, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
-        train(recipe, tok, base, tmp_path / "crashed")
+        sft(recipe, tok, base, tmp_path / "crashed")
     monkeypatch.undo()
     crashed = tmp_path / "crashed"
     assert latest_checkpoint(crashed / "checkpoints").name == "step_000004"
     assert not (crashed / "final").exists()
     assert [r["step"] for r in log(crashed)] == [1, 2, 3, 4]
 
-    resumed = train(recipe, tok, base, crashed)
+    resumed = sft(recipe, tok, base, crashed)
     assert log(crashed) == log(tmp_path / "clean")
     assert [r["step"] for r in log(crashed)] == [1, 2, 3, 4, 5, 6]
     a, b = final_weights(tmp_path / "clean"), final_weights(crashed)
@@ -256,11 +244,11 @@ def test_more_steps_resume_from_a_shorter_run(tok, base, tmp_path) -> None:
     """With a constant learning rate (no warmup, no decay) the schedule does not depend on
     `steps`, so a run of 4 steps continued to 6 in the same folder equals a run of 6."""
     recipe = tiny_recipe(warmup_steps=0, min_lr_frac=1.0)
-    train(recipe, tok, base, tmp_path / "straight")
+    sft(recipe, tok, base, tmp_path / "straight")
     short = tiny_recipe(warmup_steps=0, min_lr_frac=1.0, steps=4)
-    train(short, tok, base, tmp_path / "split")
+    sft(short, tok, base, tmp_path / "split")
     assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step_000004"
-    train(recipe, tok, base, tmp_path / "split")
+    sft(recipe, tok, base, tmp_path / "split")
     assert log(tmp_path / "split") == log(tmp_path / "straight")
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -284,7 +272,8 @@ def test_sft_conversations_are_tasks_then_demonstrations_then_files(tmp_path) ->
     )
     got = sft_conversations(recipe)
     expected = task_conversations([TASK], 3, recipe.seed)
-    expected += demonstrations("lookup", 2, recipe.seed) + demonstrations("calculator", 2, recipe.seed)
+    expected += demonstrations("lookup", 2, recipe.seed)
+    expected += demonstrations("calculator", 2, recipe.seed)
     expected += USER_CHATS + USER_CHATS[:1]
     assert got == expected
     assert got[-3:] == load_conversations(first) + load_conversations(second)
@@ -307,7 +296,7 @@ def test_sft_without_any_data_is_refused(tmp_path) -> None:
 def test_sft_trains_on_a_user_file(tok, base, tmp_path) -> None:
     path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
     recipe = tiny_recipe(task_examples=0, data=[path], steps=2)
-    metrics = train(recipe, tok, base, tmp_path / "work")
+    metrics = sft(recipe, tok, base, tmp_path / "work")
     assert metrics["sft/conversations"] == 2 and metrics["sft/rows"] == 2  # 15 + 24 > 33
 
 

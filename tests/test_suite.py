@@ -85,8 +85,8 @@ def test_lookup_train_and_eval_stores_share_no_fact() -> None:
         assert not set(train_docs.values()) & set(eval_docs.values())
         assert not {t.answer for t in train} & {t.answer for t in held}
         assert not {t.question for t in train} & {t.question for t in held}
-        projects = {split: {t.question.split()[-1] for t in ts} for split, ts in stores.items()}
-        assert not projects["train"] & projects["eval"]
+        projects = [{t.question.split()[-1] for t in ts} for ts in (train, held)]
+        assert not projects[0] & projects[1]
         # An eval answer is in no training document: it cannot be read during training.
         train_text = "\n".join(train_docs.values())
         assert not [t.answer for t in held if t.answer in train_text]
@@ -174,9 +174,7 @@ def test_demonstrations_are_the_training_split() -> None:
     for name in AGENT_ENVS:
         toolbox, tasks = agent_tasks(name, "train", 4, 2)
         assert demonstrations(name, 4, 2) == [demonstration(name, toolbox, t) for t in tasks]
-        assert [d[1]["content"] for d in demonstrations(name, 4, 2)] == [
-            t.question for t in tasks
-        ]
+        assert [d[1]["content"] for d in demonstrations(name, 4, 2)] == [t.question for t in tasks]
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +210,12 @@ def test_demonstrations_are_valid_chat_trained_only_on_the_assistant(tok, demos)
         # The replayed text parses back to the message (the model's view of the same turn).
         for m in assistant:
             assert parse_assistant(assistant_text(m)).to_message() == {"tool_calls": [], **m}
-        # Tool responses, system and user text are never in the trained tokens.
-        trained = "".join(expected)
-        for m in messages:
+        # Each tool turn's tokens (the conversation up to it is a prefix) are all untrained.
+        for k, m in enumerate(messages):
             if m["role"] == "tool":
-                assert m["content"] not in trained
-        assert messages[0]["content"] not in trained and messages[1]["content"] not in trained
+                start = len(encode_chat(tok, messages[:k])[0])
+                end = len(encode_chat(tok, messages[: k + 1])[0])
+                assert ids[:end] == encode_chat(tok, messages[: k + 1])[0]
+                assert not any(mask[start:end])
+                assert m["content"] in tok.decode(ids[start:end], skip_special_tokens=False)
+        assert not any(mask[: len(encode_chat(tok, messages[:2])[0])])  # system and user

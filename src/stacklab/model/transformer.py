@@ -150,6 +150,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,  # [B, T]; default: cache.length + arange(T)
         key_mask: Tensor | None = None,  # [B, S] bool, S = cached + T; False = padding
+        last_only: bool = False,  # logits of the last position only ([B, 1, V]): for decoding
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -166,7 +167,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -1:] if last_only else x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

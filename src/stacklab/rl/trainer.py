@@ -374,13 +374,13 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
             batch, by_env = collect(model, tokenizer, sources, cfg, recipe.seed, step)
             t1 = time.perf_counter()
             record: dict[str, float] = {"step": step, **episode_stats(batch, by_env)}
+            record["lr"] = scheduler.get_last_lr()[0]  # at this step's first update
             if batch.episodes:
                 record.update(
                     update(model, ref, optimizer, scheduler, batch, cfg, recipe.seed, step)
                 )
             record["sample_seconds"] = t1 - t0
             record["update_seconds"] = time.perf_counter() - t1
-            record["lr"] = scheduler.get_last_lr()[0]
             log.write(record)
             accs = " ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc/"))
             bar.update(

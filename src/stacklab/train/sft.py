@@ -139,6 +139,7 @@ def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics
             out = model(inputs, targets)
             (out.loss + out.aux_loss).backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -154,7 +155,7 @@ def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics
                     {
                         "step": step,
                         "loss": out.loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm.item(),
                     }
                 )
