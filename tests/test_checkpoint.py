@@ -113,3 +113,19 @@ def test_latest_ignores_half_written_and_keeps_two(tmp_path) -> None:
     assert not half.exists()  # the next save clears it
     assert latest_checkpoint(tmp_path).name == "step_000016"
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_run_model_dir_prefers_the_newest_trained_stage(tmp_path) -> None:
+    from stacklab.errors import StacklabError
+    from stacklab.train.checkpoint import run_model_dir
+
+    with pytest.raises(StacklabError, match="no trained model"):
+        run_model_dir(tmp_path)
+    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=16)
+    for stage in ("pretrain", "sft"):
+        save_model(build_model(cfg, 32), tmp_path / stage / "final")
+    (tmp_path / "rl").mkdir()  # a disabled RL stage writes no model
+    assert run_model_dir(tmp_path) == tmp_path / "sft" / "final"
+    assert run_model_dir(tmp_path, "pretrain") == tmp_path / "pretrain" / "final"
+    with pytest.raises(StacklabError, match="rl/final"):
+        run_model_dir(tmp_path, "rl")

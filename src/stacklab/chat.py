@@ -21,7 +21,7 @@ from stacklab.envs.agent_env import answer_tool_calls
 from stacklab.envs.tools import CALCULATOR, PYTHON, Toolbox
 from stacklab.errors import StacklabError
 from stacklab.model.generation import generate
-from stacklab.train.checkpoint import load_model
+from stacklab.train.checkpoint import load_model, run_model_dir
 
 QUIT = {"/quit", "/exit"}
 
@@ -35,15 +35,15 @@ def chat(
     max_new_tokens: int = 256,
     max_tool_rounds: int = 4,
     seed: int = 0,
+    stage: str | None = None,
     read: Callable[[str], str] = input,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
     """Chat until end of input or `/quit`; return the conversation."""
     console = console or Console()
-    for part in ("pretrain/final", "tokenizer"):
-        if not (run / part).exists():
-            raise StacklabError(f"{run} has no {part}/: is it a run directory written by build?")
-    model = load_model(run / "pretrain" / "final").eval()
+    if not (run / "tokenizer").exists():
+        raise StacklabError(f"{run} has no tokenizer/: is it a run directory written by build?")
+    model = load_model(run_model_dir(run, stage)).eval()
     tokenizer = load_tokenizer(run / "tokenizer")
     im_end = tokenizer.token_to_id(IM_END)
     toolbox = Toolbox([CALCULATOR, PYTHON]) if tools else None

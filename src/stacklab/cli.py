@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", type=Path)
     p.add_argument("--format", choices=["hf"], default="hf")
     p.add_argument("--out", required=True, type=Path, help="new directory to write")
+    p.add_argument(
+        "--stage",
+        choices=["pretrain", "sft", "rl"],
+        help="whose final model (default: the newest trained: rl, else sft, else pretrain)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -138,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stage",
+        choices=["pretrain", "sft", "rl"],
+        help="whose final model (default: the newest trained: rl, else sft, else pretrain)",
+    )
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -227,9 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from stacklab.interop.hf import export_hf
-    from stacklab.train.checkpoint import load_model
+    from stacklab.train.checkpoint import load_model, run_model_dir
 
-    model = load_model(_run_part(args.run, "pretrain") / "final")
+    model = load_model(run_model_dir(args.run, args.stage))
     out = export_hf(
         model.cfg, model.vocab_size, model.state_dict(), _run_part(args.run, "tokenizer"), args.out
     )
@@ -263,7 +273,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat(
         args.run, tools=not args.no_tools, system=args.system, temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, console=console,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, stage=args.stage, console=console,
     )  # fmt: skip
     return 0
 

@@ -123,6 +123,22 @@ def final_model_dir(
     raise StacklabError(f"no trained model in any of {', '.join(order)}")
 
 
+MODEL_STAGES = ("rl", "sft", "pretrain")  # newest first
+
+
+def run_model_dir(run: str | Path, stage: str | None = None) -> Path:
+    """The final model of a run directory: `stage`'s, or the newest one trained."""
+    run = Path(run)
+    order = (stage,) if stage else MODEL_STAGES
+    try:
+        return final_model_dir({name: run / name for name in order}, order)
+    except StacklabError:
+        raise StacklabError(
+            f"{run} has no trained model in {', '.join(f'{n}/final' for n in order)}: "
+            "is it a run directory written by build?"
+        ) from None
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
