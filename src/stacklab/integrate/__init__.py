@@ -1,0 +1,1 @@
+"""The integration engine: decide, by measurement, which contributions go into the model."""
