@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   stacklab export runs/tiny --format hf --out hf/tiny    write a transformers checkpoint
   stacklab import hf/tiny --out runs/imported    start from a checkpoint on disk
   stacklab chat runs/tiny                        talk to a model (with tools)
+  stacklab integrate round.yaml --out runs/round1    decide which contributions to keep
 """
 
 
@@ -160,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("-n", type=int, default=5, help="problems per task (default 5)")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser(
+        "integrate",
+        help="run an integration round: decide which contributions go into the model",
+        description="Run the round described by ROUND (a YAML file: baseline recipe, "
+        "contributions, objectives, guardrails, seeds, budget, runner, executor): plan and run "
+        "ablations, fit effects and interactions, choose the best allowed subset, confirm it, "
+        "and write OUT/decision.json, OUT/report.md and OUT/report.html. Runs are stored in "
+        "OUT/runs.db and OUT/runs/: re-running the same command after a crash or Ctrl-C "
+        "resumes without repeating a finished run.",
+    )
+    p.add_argument("round", metavar="ROUND", type=Path, help="the round file (YAML)")
+    p.add_argument("--out", required=True, type=Path, help="round directory (created if missing)")
+    p.set_defaults(func=cmd_integrate)
     return parser
 
 
@@ -311,6 +326,28 @@ def _print_build(result, seconds: float) -> None:
     console.print(table)
     _print_metrics(result.metrics, "metrics.json")
     console.print(f"done in {seconds:.1f}s; metrics in {result.out / 'metrics.json'}")
+
+
+def cmd_integrate(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from stacklab.integrate.engine import integrate
+
+    result = integrate(args.round, args.out, console=console)
+    d = result.decision
+    table = Table(title=f"round {d['round']}: decisions")
+    for col in ("contribution", "decision", "evidence"):
+        table.add_column(col)
+    for row in d["decisions"]:
+        color = "green" if row["status"] == "accepted" else "yellow"
+        table.add_row(escape(row["id"]), f"[{color}]{row['status']}[/]", escape(row["reason"]))
+    console.print(table)
+    runs = d["runs"]
+    console.print(
+        f"selected: {', '.join(d['selected']) or 'nothing'}; runs: {runs['executed']} executed, "
+        f"{runs['reused']} reused, {runs['failed']} failed"
+    )
+    return 0
 
 
 if __name__ == "__main__":

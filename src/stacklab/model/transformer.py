@@ -151,6 +151,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,  # [B, T]; default: cache.length + arange(T)
         key_mask: Tensor | None = None,  # [B, S] bool, S = cached + T; False = padding
         last_only: bool = False,  # logits of the last position only ([B, 1, V]): for decoding
+        logits_mask: Tensor | None = None,  # [B, T] bool: logits of these positions only, [N, V]
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -167,7 +168,11 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        if logits_mask is not None:  # RL scores only sampled tokens: skip the head elsewhere
+            x = x[logits_mask]
+        elif last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -219,14 +219,25 @@ def pad_episodes(episodes: list[Episode]) -> tuple[Tensor, Tensor, Tensor, Tenso
 
 
 def token_logprobs(
-    model: Transformer, inputs: Tensor, targets: Tensor, temperature: float
+    model: Transformer,
+    inputs: Tensor,
+    targets: Tensor,
+    temperature: float,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log π(target | prefix) [B, T] at the sampling temperature, the token entropies [B, T],
-    and the MoE aux loss."""
-    out = model(inputs)
-    logp_all = F.log_softmax(out.logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    and the MoE aux loss. With `mask`, only those positions are scored (the others are 0):
+    the output head and the softmax over the vocabulary then run on sampled tokens only."""
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    out = model(inputs, logits_mask=mask)
+    logp_all = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [N, V]
+    picked = logp_all.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    entropy_n = -(logp_all.exp() * logp_all).sum(-1)
+    logp = torch.zeros(targets.shape, dtype=picked.dtype).masked_scatter(mask, picked)
+    entropy = torch.zeros(targets.shape, dtype=entropy_n.dtype).masked_scatter(
+        mask, entropy_n.detach()
+    )
     return logp, entropy, out.aux_loss
 
 
@@ -262,8 +273,8 @@ def update(
     inputs, targets, mask, sampler_logp = pad_episodes(batch.episodes)
     model.eval()  # no dropout exists, but be explicit: the old policy is scored as it sampled
     with torch.no_grad():
-        old_logp, entropy, _ = token_logprobs(model, inputs, targets, cfg.temperature)
-        ref_logp = token_logprobs(ref, inputs, targets, cfg.temperature)[0] if ref else None
+        old_logp, entropy, _ = token_logprobs(model, inputs, targets, cfg.temperature, mask)
+        ref_logp = token_logprobs(ref, inputs, targets, cfg.temperature, mask)[0] if ref else None
     model.train()
     counted = mask.sum().clamp(min=1)
     stats: dict[str, list[float]] = defaultdict(list)
@@ -280,7 +291,7 @@ def update(
                 continue  # episodes cut off before their first sampled token
             width = int(mask[idx].any(0).nonzero().max()) + 1  # trim common right padding
             mb = (inputs[idx, :width], targets[idx, :width], mask[idx, :width])
-            logp, _, aux = token_logprobs(model, mb[0], mb[1], cfg.temperature)
+            logp, _, aux = token_logprobs(model, mb[0], mb[1], cfg.temperature, mb[2])
             loss, loss_stats = loss_fn(
                 logp, old_logp[idx, :width], batch.advantages[idx], mb[2], **kwargs
             )

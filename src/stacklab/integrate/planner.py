@@ -1,0 +1,215 @@
+"""Planning: which recipes to run next, so the decision is right with few runs.
+
+Why this shape:
+
+* **Screening first.** The baseline, each contribution alone, "all in" and leave-one-out of
+  all in. Alone vs baseline measures each main effect; all-in minus leave-one-out measures
+  each contribution's effect *in combination*, and the difference between the two is its
+  total interaction with the others: a gain that vanishes, or a conflict, shows up here for
+  about 2n + 2 recipes instead of 2^n. With choice groups "all in" is not one recipe: the
+  all-in variants take member k of every group in variant k, so every contribution is in one.
+* **Then adaptive batches.** After each fit, the candidates that could still beat the current
+  choice by more than `margin` (probability above 1 - confidence) are the informative ones:
+  a candidate never run is run (its prediction leans on unidentified interactions), a
+  candidate already run is run again, with the current choice, on new seeds. When no
+  candidate is left with a real chance, the decision is confident and the planner stops; the
+  budget stops it otherwise. The margin makes ties decidable: a contribution that adds
+  nothing leaves two candidates equal, and no number of seeds tells which of equals is better.
+* **Every batch has its own seeds and re-runs the baseline on them.** Seeds pair the
+  comparison (the effects model gives each seed its own intercept), and a recipe+seed is
+  never run twice, so new information about a recipe needs new seeds, and the baseline is
+  never compared through stale numbers.
+* **Confirmation.** The chosen subset and the baseline on confirmation seeds, leave-one-out
+  inside the chosen subset (is every member still pulling its weight?), and for every
+  contribution left out despite a clear gain alone, the chosen subset plus it (does its gain
+  vanish, or does it conflict?) and the pair with its likeliest culprit (who does it conflict
+  with?), so each decision is backed by runs, not only by the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stacklab.integrate.effects import EffectsFit
+from stacklab.integrate.select import Choice, Guardrail, Objective, choose, utility_fn
+
+Subset = frozenset[int]
+MAX_CONTENDERS = 200  # candidates compared pairwise with the choice, by expected utility
+PLAUSIBLY_SAFE = 0.5  # proposals need at least this chance that their guardrails hold
+
+
+def all_in_variants(n: int, groups: Sequence[Sequence[int]]) -> list[Subset]:
+    """Everything at once, one member per choice group; enough variants to cover each member."""
+    grouped = {i for g in groups for i in g}
+    free = frozenset(i for i in range(n) if i not in grouped)
+    variants = max((len(g) for g in groups), default=1)
+    return [free | {sorted(g)[k % len(g)] for g in groups} for k in range(variants)]
+
+
+def screening_design(n: int, groups: Sequence[Sequence[int]]) -> list[Subset]:
+    """Baseline, each alone, the all-in variants and their leave-one-outs (no repeats)."""
+    points: list[Subset] = [frozenset()]
+    points += [frozenset({i}) for i in range(n)]
+    for full in all_in_variants(n, groups):
+        points.append(full)
+        points += [full - {i} for i in sorted(full)]
+    return list(dict.fromkeys(points))
+
+
+def fresh_seeds(used: Iterable[int], count: int) -> list[int]:
+    """`count` seeds after every seed used so far: new information, paired within the batch."""
+    start = max(used, default=-1) + 1
+    return list(range(start, start + count))
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What the planner wants next, and why; empty `subsets` means the decision is confident."""
+
+    chosen: Subset  # the best measured candidate
+    table: Choice  # every candidate scored (and the Pareto front), measured or not
+    subsets: list[Subset]  # besides the baseline, which every batch runs
+    why: dict[Subset, str]
+    contenders: dict[Subset, float]  # P(beats the current choice), for those above the bar
+
+
+class UtilityDraws:
+    """Predicted utility vs baseline of subsets, with joint bootstrap draws (cached)."""
+
+    def __init__(
+        self,
+        fits: Mapping[str, EffectsFit],
+        objectives: Sequence[Objective],
+        scales: Mapping[str, float] | None = None,
+    ):
+        self._fn = utility_fn(fits, objectives, scales)
+        self._cache: dict[Subset, tuple[float, np.ndarray]] = {}
+
+    def __call__(self, subset: Iterable[int]) -> tuple[float, np.ndarray]:
+        key = frozenset(subset)
+        if key not in self._cache:
+            self._cache[key] = self._fn(key)
+        return self._cache[key]
+
+    def diff(self, a: Iterable[int], b: Iterable[int]) -> tuple[float, np.ndarray]:
+        """U(a) - U(b): estimate and draws."""
+        ma, da = self(a)
+        mb, db = self(b)
+        return ma - mb, da - db
+
+
+def propose(
+    fits: Mapping[str, EffectsFit],
+    objectives: Sequence[Objective],
+    guardrails: Sequence[Guardrail],
+    candidates: Sequence[Subset],
+    measured: set[Subset],
+    tried: set[Subset],
+    confidence: float,
+    guardrail_prob: float,
+    margin: float,
+    max_points: int = 3,
+) -> Proposal:
+    """Choose among the recipes run so far, then propose what could still beat the choice.
+
+    The choice is made among measured candidates only: a prediction pinned down by the runs
+    can still be a long, noisy chain of differences, and the best of many noisy predictions
+    is an overestimate. Unmeasured candidates compete by being proposed and run. A contender
+    is a candidate with P(U(candidate) > U(choice) + margin) > 1 - confidence whose
+    guardrails plausibly hold (`margin` in utility units). Unmeasured contenders are proposed
+    as they are; a measured one is proposed with the choice, so both get new seeds. A
+    candidate `tried` but not measured (its runs failed) is not proposed again.
+    """
+    table = choose(fits, objectives, guardrails, candidates, guardrail_prob)
+    ran = [c for c in candidates if c in measured]
+    chosen = choose(fits, objectives, guardrails, ran, guardrail_prob).chosen
+    util = UtilityDraws(fits, objectives)
+    rows = [
+        c for c in table.candidates if c.subset != chosen and c.guardrail_prob >= PLAUSIBLY_SAFE
+    ]
+    rows.sort(key=lambda c: (-c.expected_utility, len(c.subset), sorted(c.subset)))
+    contenders: dict[Subset, float] = {}
+    for c in rows[:MAX_CONTENDERS]:
+        _, d = util.diff(c.subset, chosen)
+        p = float(np.mean(d > margin))
+        if p > 1.0 - confidence:
+            contenders[c.subset] = p
+    order = sorted(contenders, key=lambda s: (-contenders[s], -util(s)[0], len(s), sorted(s)))
+    subsets: list[Subset] = []
+    why: dict[Subset, str] = {}
+    for s in order:
+        if len(subsets) >= max_points:
+            break
+        p = contenders[s]
+        if s in tried and s not in measured:
+            continue
+        if s not in measured:
+            subsets.append(s)
+            why[s] = f"never run; P(beats the current choice) = {p:.2f}"
+        else:
+            for t in (s, chosen):
+                if t and t not in why:
+                    subsets.append(t)
+                    why[t] = f"run again on new seeds: P(beats the current choice) = {p:.2f}"
+    return Proposal(chosen, table, subsets, why, contenders)
+
+
+def suspects(
+    fits: Mapping[str, EffectsFit],
+    objectives: Sequence[Objective],
+    guardrails: Sequence[Guardrail],
+    chosen: Subset,
+    n: int,
+    groups: Sequence[Sequence[int]],
+    confidence: float,
+    guardrail_prob: float,
+) -> dict[int, int | None]:
+    """Contributions left out despite a clear, safe gain alone -> their likeliest culprit.
+
+    The culprit is the member of `chosen` whose interaction with it is most negative in the
+    current fit (an unidentified interaction's minimum-norm share), or None when no member's
+    interaction is negative or it is already identified by the runs.
+    """
+    util = UtilityDraws(fits, objectives)
+    fit = next(iter(fits.values()))
+    out: dict[int, int | None] = {}
+    for i in range(n):
+        if i in chosen or any(i in g and chosen.intersection(g) for g in groups):
+            continue
+        est, draws = util({i})
+        if est <= 0 or float(np.mean(draws > 0.0)) < confidence:
+            continue
+        if guardrail_probability(fits, guardrails, {i}) < guardrail_prob:
+            continue
+        culprit, worst = None, 0.0
+        for j in sorted(chosen):
+            pair = frozenset({i, j})
+            gamma = util(pair)[0] - util({i})[0] - util({j})[0]
+            if gamma < worst and not fit.estimable(pair):
+                culprit, worst = j, gamma
+        out[i] = culprit
+    return out
+
+
+def confirmation_design(chosen: Subset, culprits: Mapping[int, int | None]) -> list[Subset]:
+    """Points of the confirmation batch, most important first (a tight budget cuts the tail)."""
+    points: list[Subset] = [frozenset(), chosen]
+    points += [chosen - {i} for i in sorted(chosen)]
+    points += [chosen | {i} for i in sorted(culprits)]
+    points += [frozenset({i, j}) for i, j in sorted(culprits.items()) if j is not None]
+    return list(dict.fromkeys(points))
+
+
+def guardrail_probability(
+    fits: Mapping[str, EffectsFit], guardrails: Sequence[Guardrail], subset: Iterable[int]
+) -> float:
+    """P(every guardrail holds) for `subset`, from the joint draws (1.0 without guardrails)."""
+    ok = np.array(True)
+    for g in guardrails:
+        fit = fits[g.metric]
+        _, draws = fit.predict_delta(subset)
+        ok = ok & g.holds(draws, fit.baseline_draws)
+    return float(np.mean(ok))

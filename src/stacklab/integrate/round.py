@@ -1,0 +1,348 @@
+"""Rounds: one YAML file that says what an integration round decides, and how it may spend runs.
+
+    name: spring-round              # optional; default: the file's name without .yaml
+    baseline: tiny                  # a recipe file (relative to this file) or a built-in name
+    contributions: [contributions/] # files or folders, relative to this file
+    objectives:
+      - {metric: val_bpb, direction: min, weight: 1.0}
+      - {metric: task_accuracy, direction: max, weight: 1.0, scale: 0.01}
+    guardrails:                     # "must not get worse than this", checked per candidate
+      - {metric: agent_success, kind: min_delta, threshold: -0.01}
+      - {metric: tokens_per_s, kind: ratio, threshold: 0.9}
+    seeds: 3                        # or a list, e.g. [0, 1, 2]; every batch pairs by seed
+    confirm_seeds: 3                # seeds of the confirmation batch (fresh ones if a count)
+    budget: 120                     # the most distinct runs (recipe x seed) the round may use
+    runner: {kind: external, command: "python train.py {recipe} --seed {seed} --out {out}"}
+    executor: {kind: local, workers: 2}
+
+Everything is checked when the round is loaded (baseline, every contribution file, the
+command template), so a typo fails in a second with the key and file named, not after an
+hour of training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stacklab.errors import StacklabError
+from stacklab.integrate.contributions import (
+    Contribution,
+    ContributionError,
+    apply_subset,
+    blind_ids,
+    choice_groups,
+    load_contributions,
+)
+from stacklab.integrate.select import Guardrail, Objective
+from stacklab.recipe import Recipe, load_recipe
+
+PLACEHOLDERS = ("recipe", "seed", "out")
+
+
+class RoundError(StacklabError):
+    """The round file is invalid."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObjectiveSpec(_Spec):
+    metric: str = Field(min_length=1)
+    direction: Literal["max", "min"] = "max"
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    scale: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="unit in the utility; default: run noise"
+    )
+
+
+class GuardrailSpec(_Spec):
+    metric: str = Field(min_length=1)
+    kind: Literal["min_delta", "ratio"]
+    threshold: float = Field(allow_inf_nan=False)
+    direction: Literal["max", "min"] | None = Field(
+        None, description="which way is better; default: the objective's, else max"
+    )
+
+
+class BuiltinRunner(_Spec):
+    """`stacklab build` on each resolved recipe; stages are shared through the stage cache."""
+
+    kind: Literal["builtin"]
+    cache_dir: Path | None = Field(None, description="stage cache (default: stacklab's own)")
+    timeout_s: float | None = Field(None, gt=0, description="per-run limit; None: no limit")
+    attempts: int = Field(1, ge=1, description="tries per run before it counts as failed")
+
+
+class ExternalRunner(_Spec):
+    """Any trainer: a command that reads {recipe} and writes {out}/metrics.json."""
+
+    kind: Literal["external"]
+    command: str = Field(min_length=1)
+    timeout_s: float | None = Field(None, gt=0, description="per-run limit; None: no limit")
+    attempts: int = Field(1, ge=1, description="tries per run before it counts as failed")
+
+    @field_validator("command")
+    @classmethod
+    def _template(cls, command: str) -> str:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {command!r} into arguments: {exc}") from None
+        dummy = {name: "x" for name in PLACEHOLDERS}
+        for arg in argv:
+            try:
+                arg.format(**dummy)
+            except KeyError as exc:
+                raise ValueError(
+                    f"unknown placeholder {{{exc.args[0]}}} in {arg!r}; "
+                    "the placeholders are {recipe}, {seed} and {out}"
+                ) from None
+            except (ValueError, IndexError) as exc:
+                raise ValueError(
+                    f"bad placeholder in {arg!r} ({exc}); write {{{{ for a brace"
+                ) from None
+        for needed in ("recipe", "out"):
+            if not any("{" + needed + "}" in arg for arg in argv):
+                raise ValueError(f"the command must pass {{{needed}}} to the trainer")
+        return command
+
+
+class LocalExecutor(_Spec):
+    kind: Literal["local"]
+    workers: int | None = Field(
+        None, ge=1, description="runs at once; default: half the CPU cores, at least 1"
+    )
+
+
+class RayExecutor(_Spec):
+    kind: Literal["ray"]
+    address: str | None = Field(None, description="ray.init address; None: a local instance")
+    cpus_per_run: float = Field(1.0, gt=0)
+
+
+RunnerSpec = Annotated[BuiltinRunner | ExternalRunner, Field(discriminator="kind")]
+ExecutorSpec = Annotated[LocalExecutor | RayExecutor, Field(discriminator="kind")]
+
+
+class RoundSpec(_Spec):
+    """The round file as written (paths still relative to it)."""
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    baseline: str = Field(min_length=1)
+    contributions: list[str] = Field(min_length=1)
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    guardrails: list[GuardrailSpec] = Field(default_factory=list)
+    seeds: list[int] | int = 3
+    confirm_seeds: list[int] | int = 3
+    budget: int = Field(ge=1)
+    runner: RunnerSpec
+    executor: ExecutorSpec = Field(default_factory=lambda: LocalExecutor(kind="local"))
+    store: str | None = Field(None, description="SQLAlchemy URL; default: sqlite in --out")
+    confidence: float = Field(
+        0.9, gt=0.5, lt=1, description="how sure a decision must be: stop rule and demotion"
+    )
+    margin: float = Field(
+        0.5, ge=0, description="utility differences below this are ties (stop rule)"
+    )
+    guardrail_prob: float = Field(0.95, gt=0, le=1, description="P(guardrails hold) required")
+    fdr: float = Field(0.05, gt=0, le=1, description="false-discovery rate across tests")
+    draws: int = Field(1000, ge=100, le=20000, description="bootstrap draws per fit")
+
+    @field_validator("contributions", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("seeds", "confirm_seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | int) -> list[int] | int:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("a seed count must be at least 1")
+            return value
+        if not value:
+            raise ValueError("give at least one seed")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        if min(value) < 0:
+            raise ValueError("seeds must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _metrics(self) -> RoundSpec:
+        names = [o.metric for o in self.objectives]
+        dupes = sorted({m for m in names if names.count(m) > 1})
+        if dupes:
+            raise ValueError(f"objectives name metric {dupes[0]!r} twice")
+        if all(o.weight == 0 for o in self.objectives):
+            raise ValueError("at least one objective needs a weight above 0")
+        directions = {o.metric: o.direction for o in self.objectives}
+        for g in self.guardrails:
+            own = directions.get(g.metric)
+            if g.direction is not None and own is not None and g.direction != own:
+                raise ValueError(
+                    f"guardrail on {g.metric!r} says direction {g.direction} but the objective "
+                    f"says {own}"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class Round:
+    """A loaded, checked round: everything the engine needs, paths resolved."""
+
+    file: Path
+    name: str
+    spec: RoundSpec
+    baseline_path: Path
+    baseline: Recipe
+    contributions: list[Contribution]  # index i in designs and fits is contributions[i]
+    groups: list[list[int]]  # choice groups as indices
+    blind: dict[str, str]  # id -> blind id
+    objectives: list[Objective]
+    guardrails: list[Guardrail]
+    seeds: list[int]
+    confirm_count: int  # confirmation seeds, when given as a count
+    confirm_list: list[int] | None  # confirmation seeds, when given as a list
+    workers: int
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.contributions]
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every metric a run must report: objectives, then guarded metrics."""
+        names = [o.name for o in self.objectives] + [g.metric for g in self.guardrails]
+        return list(dict.fromkeys(names))
+
+
+def load_round(path: str | Path) -> Round:
+    """Read, validate and resolve a round file; every error names the file and the key."""
+    file = Path(path)
+    if not file.is_file():
+        raise RoundError(f"round file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise RoundError(f"{file}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise RoundError(f"{file}: a round must be a mapping, got {type(raw).__name__}")
+    try:
+        spec = RoundSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise RoundError(f"{file}: {_describe(exc)}") from None
+
+    here = file.parent
+    baseline_path = _baseline_path(spec.baseline, here, file)
+    baseline = load_recipe(baseline_path)
+    try:
+        contribs = load_contributions([here / p for p in spec.contributions], baseline)
+    except ContributionError as exc:
+        raise RoundError(f"{file}: contributions: {exc}") from None
+    for c in contribs:
+        if "seed" in c.patch:
+            raise RoundError(
+                f"{c.source}: patch sets 'seed'; seeds belong to the round ({file}: seeds)"
+            )
+    index = {c.id: i for i, c in enumerate(contribs)}
+    groups = [[index[cid] for cid in g] for g in choice_groups(contribs)]
+    _check_distinct(baseline, contribs, groups)
+
+    directions = {o.metric: o.direction for o in spec.objectives}
+    objectives = [Objective(o.metric, o.direction, o.weight, o.scale) for o in spec.objectives]
+    guardrails = [
+        Guardrail(g.metric, g.kind, g.threshold, g.direction or directions.get(g.metric, "max"))
+        for g in spec.guardrails
+    ]
+    seeds = list(range(spec.seeds)) if isinstance(spec.seeds, int) else list(spec.seeds)
+    confirm = spec.confirm_seeds
+    workers = (
+        spec.executor.workers or max(1, (os.cpu_count() or 2) // 2)
+        if isinstance(spec.executor, LocalExecutor)
+        else 1
+    )
+    return Round(
+        file=file.resolve(),
+        name=spec.name or file.stem,
+        spec=spec,
+        baseline_path=baseline_path,
+        baseline=baseline,
+        contributions=contribs,
+        groups=groups,
+        blind=blind_ids(contribs),
+        objectives=objectives,
+        guardrails=guardrails,
+        seeds=seeds,
+        confirm_count=confirm if isinstance(confirm, int) else len(confirm),
+        confirm_list=None if isinstance(confirm, int) else list(confirm),
+        workers=workers,
+    )
+
+
+def _check_distinct(
+    baseline: Recipe, contribs: list[Contribution], groups: list[list[int]]
+) -> None:
+    """Every contribution must change the recipe, and no two may make each other redundant.
+
+    Otherwise two different subsets are one recipe: the runs could not tell them apart, and
+    the content-addressed store would hand one subset's run to the other.
+    """
+    base = baseline.hash()
+    alone = [apply_subset(baseline, contribs, {c.id}).hash() for c in contribs]
+    for c, h in zip(contribs, alone, strict=True):
+        if h == base:
+            raise RoundError(f"{c.source}: the patch changes nothing in the baseline recipe")
+    exclusive = {frozenset(p) for g in groups for p in itertools.combinations(g, 2)}
+    for i, j in itertools.combinations(range(len(contribs)), 2):
+        if frozenset((i, j)) in exclusive:
+            continue
+        both = apply_subset(baseline, contribs, {contribs[i].id, contribs[j].id}).hash()
+        if both in (alone[i], alone[j]):
+            a, b = contribs[i], contribs[j]
+            raise RoundError(
+                f"{a.source} and {b.source}: one's change is part of the other's; merge them or "
+                "split the shared setting into its own contribution"
+            )
+
+
+def _baseline_path(baseline: str, here: Path, file: Path) -> Path:
+    """A file beside the round first, then a built-in recipe name."""
+    beside = here / baseline
+    if beside.is_file():
+        return beside.resolve()
+    from stacklab.recipe import resolve_recipe_path
+
+    try:
+        return resolve_recipe_path(baseline).resolve()
+    except StacklabError as exc:
+        raise RoundError(f"{file}: baseline: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc = [str(part) for part in err["loc"]]
+    if loc[:1] in (["runner"], ["executor"]) and len(loc) > 1:
+        loc = [loc[0], *loc[2:]]  # drop the union tag pydantic puts in the path
+    where = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = list(RoundSpec.model_fields) if len(loc) == 1 else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{where}'{hint}"
+    if err["type"] == "missing":
+        return f"missing key '{where}'"
+    if err["type"] == "union_tag_not_found":
+        return f"key '{where}': needs a 'kind'"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"key '{where}': {msg}" if where else msg

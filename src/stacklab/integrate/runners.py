@@ -1,0 +1,302 @@
+"""Runners and executors: how one run (a resolved recipe and a seed) becomes metrics.
+
+A runner is a command. The built-in one is `stacklab build`; an external one is any trainer
+given as a template with `{recipe}`, `{seed}` and `{out}`. Either way the engine writes the
+resolved recipe to a file, runs the command without a shell (arguments are split once, then
+each is filled in, so paths with spaces stay whole), and reads `{out}/metrics.json`.
+
+A run is atomic: the command writes into a temporary folder that is renamed to the run's
+final folder only once its metrics are read and complete. A final folder therefore always
+holds a finished run, and a coordinator killed between the rename and recording the result
+finds it there next time instead of training again. A failed run's folder is kept beside it
+(`KEY.failed`) with the command's logs; the failure, with the tail of its stderr, goes to the
+store and never counts as a result.
+
+Executors only decide where runs happen: a local pool of threads, each waiting on one child
+process (the work is in the children, so threads are enough), or Ray for a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from stacklab.errors import StacklabError
+from stacklab.integrate.round import BuiltinRunner, ExternalRunner, LocalExecutor, RayExecutor
+
+STDERR_TAIL_CHARS = 2000
+_BUILD = "import sys; from stacklab.cli import main; sys.exit(main())"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to make: `recipe` is the resolved recipe dict, with `seed` already set in it."""
+
+    key: str
+    recipe: dict[str, Any]
+    seed: int
+    run_dir: Path  # the final folder; written only through a temporary sibling
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a job: metrics (a finished run) or an error (a failed one)."""
+
+    key: str
+    metrics: dict[str, float] | None
+    error: str | None
+    seconds: float
+
+
+class RunFailed(Exception):
+    """The run's command failed or its metrics are unusable; the message says which."""
+
+
+@dataclass(frozen=True)
+class CommandRunner:
+    """Runs a command template per job (picklable, so Ray can ship it to other machines)."""
+
+    template: tuple[str, ...]
+    cwd: Path
+    required: tuple[str, ...]  # metrics every run must report
+    timeout_s: float | None = None
+    threads: int | None = None  # OMP_NUM_THREADS for the child, unless the caller set it
+
+    def argv(self, recipe: Path, seed: int, out: Path) -> list[str]:
+        return [a.format(recipe=recipe, seed=seed, out=out) for a in self.template]
+
+    def __call__(self, job: Job) -> Outcome:
+        start = time.perf_counter()
+        final = job.run_dir
+        if (final / "metrics.json").is_file():  # finished before the coordinator was killed
+            try:
+                metrics = read_metrics(final / "metrics.json", self.required)
+                return Outcome(job.key, metrics, None, time.perf_counter() - start)
+            except RunFailed:
+                shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            metrics = self._run_in(tmp, job)
+        except RunFailed as exc:
+            failed = final.parent / f"{final.name}.failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            os.rename(tmp, failed)
+            error = f"{exc} (logs: {failed})"
+            return Outcome(job.key, None, error, time.perf_counter() - start)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return Outcome(job.key, metrics, None, time.perf_counter() - start)
+
+    def _run_in(self, out: Path, job: Job) -> dict[str, float]:
+        recipe = out / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(job.recipe, sort_keys=False))
+        argv = self.argv(recipe, job.seed, out)
+        env = dict(os.environ)
+        if self.threads is not None:
+            env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        with (out / "stdout.log").open("wb") as so, (out / "stderr.log").open("wb") as se:
+            try:
+                proc = subprocess.Popen(
+                    argv, cwd=self.cwd, stdout=so, stderr=se, env=env, start_new_session=True
+                )
+            except OSError as exc:
+                raise RunFailed(f"cannot start {shlex.join(argv[:1])}: {exc}") from None
+            with _live(proc):
+                try:
+                    code = proc.wait(self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
+                    raise RunFailed(
+                        f"timed out after {self.timeout_s:g}s{_tail(out / 'stderr.log')}"
+                    ) from None
+        if code != 0:
+            raise RunFailed(f"exit status {code}{_tail(out / 'stderr.log')}")
+        return read_metrics(out / "metrics.json", self.required)
+
+
+def read_metrics(path: Path, required: Sequence[str]) -> dict[str, float]:
+    """The numeric entries of a metrics.json; every `required` metric must be a finite number."""
+    if not path.is_file():
+        raise RunFailed(f"the runner wrote no {path.name}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFailed(f"{path.name} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise RunFailed(f"{path.name} must be an object of metric -> number")
+    metrics = {
+        str(k): float(v)
+        for k, v in raw.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    for name in required:
+        if name not in metrics:
+            if name in raw:
+                raise RunFailed(f"{path.name}: metric {name!r} is {raw[name]!r}, not a number")
+            have = ", ".join(sorted(metrics)) or "none"
+            raise RunFailed(f"{path.name} has no metric {name!r} (has: {have})")
+    return metrics
+
+
+def make_runner(
+    spec: BuiltinRunner | ExternalRunner, cwd: Path, required: Sequence[str], workers: int
+) -> CommandRunner:
+    """The runner a round asks for; children get an even share of the CPU cores."""
+    if isinstance(spec, ExternalRunner):
+        template = tuple(shlex.split(spec.command))
+    else:
+        template = (sys.executable, "-c", _BUILD, "build", "{recipe}", "--out", "{out}")
+        if spec.cache_dir is not None:
+            template += ("--cache-dir", str((cwd / spec.cache_dir).resolve()))
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    return CommandRunner(template, cwd, tuple(required), spec.timeout_s, threads)
+
+
+# --------------------------------------------------------------------------- child processes
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _live(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    try:
+        yield
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+
+
+def kill_live() -> None:
+    """Kill every run still training (on Ctrl-C): each child leads its own process group."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill(proc)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    tail = text[-STDERR_TAIL_CHARS:]
+    return f"; stderr ends: {tail}"
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class Executor(Protocol):
+    def run(self, runner: CommandRunner, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        """Run the jobs; yield each outcome as soon as it is known."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalPool:
+    """Up to `workers` runs at once on this machine."""
+
+    workers: int
+
+    def run(self, runner: CommandRunner, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        if not jobs:
+            return
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="run") as pool:
+            futures = [pool.submit(runner, job) for job in jobs]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                kill_live()
+                raise
+
+
+@dataclass(frozen=True)
+class RayPool:
+    """Runs as Ray tasks: `ray.init(address=...)` joins a cluster (None: a local instance).
+
+    Run folders are written where the task runs, so on several machines `--out` should be on
+    a shared filesystem; the metrics come back to the coordinator either way.
+    """
+
+    address: str | None
+    cpus_per_run: float = 1.0
+
+    def run(self, runner: CommandRunner, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        if not jobs:
+            return
+        ray = _import_ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address)
+        task = ray.remote(num_cpus=self.cpus_per_run)(_call)
+        pending = {task.remote(runner, job): job for job in jobs}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    job = pending.pop(ref)
+                    try:
+                        yield ray.get(ref)
+                    except Exception as exc:  # the task itself died (node lost, OOM, ...)
+                        yield Outcome(job.key, None, f"ray task failed: {exc}", 0.0)
+        finally:
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+
+
+def _call(runner: CommandRunner, job: Job) -> Outcome:
+    return runner(job)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise StacklabError(
+            "executor kind 'ray' needs Ray: pip install 'ray[default]' (or use kind: local)"
+        ) from None
+    return ray
+
+
+def make_executor(spec: LocalExecutor | RayExecutor, workers: int) -> Executor:
+    if isinstance(spec, RayExecutor):
+        _import_ray()  # fail at the start of a round, not at its first batch
+        return RayPool(spec.address, spec.cpus_per_run)
+    return LocalPool(workers)
