@@ -100,7 +100,7 @@ class Scripted(nn.Module):
     def new_cache(self, batch, max_len=None):
         return self.inner.new_cache(batch, max_len)
 
-    def forward(self, input_ids, targets=None, *, cache, positions, key_mask):
+    def forward(self, input_ids, targets=None, *, cache, positions, key_mask, last_only=False):
         if cache.length == 0:
             self.rows = [ids[m].tolist() for ids, m in zip(input_ids, key_mask, strict=True)]
         else:
@@ -110,6 +110,7 @@ class Scripted(nn.Module):
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
         for i, row in enumerate(self.rows):
             logits[i, -1, self.next.get(tuple(row), EOT_ID)] = 10.0
+        logits = logits[:, -1:] if last_only else logits
         return ModelOutput(logits=logits, loss=None, aux_loss=torch.zeros(()))
 
 

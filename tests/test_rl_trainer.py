@@ -124,6 +124,11 @@ def test_token_logprobs_gather_the_targets(tok) -> None:
     full = torch.log_softmax(model(inputs).logits / 2.0, dim=-1)
     assert torch.allclose(logp, full[0, torch.arange(4), targets[0]][None], atol=1e-6)
     assert torch.allclose(entropy, -(full.exp() * full).sum(-1), atol=1e-5)
+    # Scoring only masked positions gives the same numbers there and zeros elsewhere.
+    mask = torch.tensor([[False, True, False, True]])
+    part, part_entropy, _ = token_logprobs(model, inputs, targets, 2.0, mask)
+    assert torch.allclose(part, torch.where(mask, logp, 0.0), atol=1e-6)
+    assert torch.allclose(part_entropy, torch.where(mask, entropy, 0.0), atol=1e-5)
 
 
 def test_recipe_rejects_a_turn_longer_than_the_budget() -> None:

@@ -160,7 +160,7 @@ def toolbox() -> Toolbox:
 
 def test_toolbox_describe_lists_each_tool_with_its_arguments(toolbox):
     lines = toolbox.describe().split("\n")
-    assert lines[0].startswith("calculator(expression: string) - Evaluate")
+    assert lines[0] == f"calculator(expression: string) - {CALCULATOR.description}"
     assert lines[-1] == "count(n: integer, sep: string) - Count to n."
     assert len(lines) == 5
 
