@@ -134,7 +134,7 @@ def test_round_errors_from_contribution_files(tmp_path: Path) -> None:
     clash = {
         "deep": {"model.depth": 1},
         "moe": {"model.moe.enabled": True, "model.moe.first_k_dense": 2},
-    }  # noqa: E501
+    }
     with pytest.raises(RoundError, match=r"deep.yaml and .*moe.yaml cannot be combined: invalid"):
         load_round(make_round(tmp_path / "e", contribs=clash))
     with pytest.raises(RoundError, match="round file not found"):

@@ -350,10 +350,6 @@ def cmd_integrate(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _print_metrics(metrics: dict[str, float], title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")
@@ -361,3 +357,7 @@ def _print_metrics(metrics: dict[str, float], title: str) -> None:
     for name, value in sorted(metrics.items()):
         table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
     console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

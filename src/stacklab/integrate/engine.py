@@ -72,7 +72,7 @@ UTILITY = "utility"
 
 
 @dataclass(frozen=True)
-class _Point:
+class DesignRun:
     """A run of the design: which subset, which seed, in which batch it was first planned."""
 
     key: str
@@ -83,6 +83,8 @@ class _Point:
 
 @dataclass(frozen=True)
 class Batch:
+    """One batch of the plan: recipes x seeds, with why the adaptive ones were proposed."""
+
     number: int
     purpose: str  # screening | adaptive | confirmation
     subsets: list[Subset]
@@ -114,7 +116,7 @@ class RoundResult:
     choice: Choice
     final: Subset
     batches: list[Batch]
-    points: list[_Point]
+    points: list[DesignRun]
     runs: dict[str, Run]
     credit: dict[str, dict[int, Credit]]  # metric or "utility" -> contribution -> credit
     discoveries: dict[tuple[int, str], bool]  # (contribution, objective) -> BH discovery
@@ -165,7 +167,7 @@ class _Session:
         self.rnd, self.out, self.store = rnd, out, store
         self.runner, self.executor, self.console = runner, executor, console
         self.n = len(rnd.contributions)
-        self.points: dict[str, _Point] = {}
+        self.points: dict[str, DesignRun] = {}
         self.batches: list[Batch] = []
         self._recipes: dict[Subset, tuple[str, dict[str, Any]]] = {}
         self.notes: list[str] = []
@@ -350,7 +352,7 @@ class _Session:
                 run = self.store.request(
                     recipe_hash, seed, blind, self.rnd.name, number, {**data, "seed": seed}
                 )
-                self.points.setdefault(run.key, _Point(run.key, subset, seed, number))
+                self.points.setdefault(run.key, DesignRun(run.key, subset, seed, number))
                 keys.append(run.key)
         runs = self._runs(keys)
         todo = [k for k in dict.fromkeys(keys) if runs[k].status != "done"]
@@ -540,7 +542,7 @@ class _Evidence:
         self,
         rnd: Round,
         views: Views,
-        points: Mapping[str, _Point],
+        points: Mapping[str, DesignRun],
         runs: Mapping[str, Run],
         final: Subset,
     ):
@@ -559,7 +561,8 @@ class _Evidence:
                     self.errors.setdefault(i, run.error)
         n, spec = len(rnd.ids), rnd.spec
         screen = views.screen
-        alone = {i: self.util(screen)({i}) for i in range(n)}
+        screen_util = self.util(screen)
+        alone = {i: screen_util({i}) for i in range(n)}
         pv = {
             i: bootstrap_p_value(d) if _estimable(screen, {i}) else math.nan
             for i, (_, d) in alone.items()
@@ -654,6 +657,9 @@ class _Evidence:
                 )
         alone_text = self.describe_diff(screen, alone, frozenset())
         if not self.gain_alone[i]:
+            _, draws = self.util(screen)(alone)
+            if np.quantile(draws, 0.975) < 0:
+                return "no_gain", f"no gain, a net loss: {alone_text} alone"
             return "no_gain", f"no measurable gain: {alone_text} alone"
         _, draws = self.util(fits_added).diff(added, final)
         basis = "" if known else " (model prediction: that recipe was not run)"

@@ -73,7 +73,6 @@ class Proposal:
     table: Choice  # every candidate scored (and the Pareto front), measured or not
     subsets: list[Subset]  # besides the baseline, which every batch runs
     why: dict[Subset, str]
-    contenders: dict[Subset, float]  # P(beats the current choice), for those above the bar
 
 
 class UtilityDraws:
@@ -154,7 +153,7 @@ def propose(
                 if t and t not in why:
                     subsets.append(t)
                     why[t] = f"run again on new seeds: P(beats the current choice) = {p:.2f}"
-    return Proposal(chosen, table, subsets, why, contenders)
+    return Proposal(chosen, table, subsets, why)
 
 
 def suspects(

@@ -13,7 +13,13 @@
     confirm_seeds: 3                # seeds of the confirmation batch (fresh ones if a count)
     budget: 120                     # the most distinct runs (recipe x seed) the round may use
     runner: {kind: external, command: "python train.py {recipe} --seed {seed} --out {out}"}
-    executor: {kind: local, workers: 2}
+    executor: {kind: local, workers: 2}     # or {kind: ray, address: "ray://head:10001"}
+    store: postgresql://host/db      # optional; default: sqlite in the --out folder
+
+How sure the decision must be (defaults): `confidence: 0.9` (stop when no candidate beats
+the choice by more than `margin: 0.5` utility units with probability above 0.1; utility is
+in units of one run's noise unless objectives give a `scale`), `guardrail_prob: 0.95`,
+`fdr: 0.05` (false-discovery rate of the tests of gains) and `draws: 1000` (bootstrap).
 
 Everything is checked when the round is loaded (baseline, every contribution file, the
 command template), so a typo fails in a second with the key and file named, not after an
@@ -149,7 +155,7 @@ class RoundSpec(_Spec):
     executor: ExecutorSpec = Field(default_factory=lambda: LocalExecutor(kind="local"))
     store: str | None = Field(None, description="SQLAlchemy URL; default: sqlite in --out")
     confidence: float = Field(
-        0.9, gt=0.5, lt=1, description="how sure a decision must be: stop rule and demotion"
+        0.9, gt=0.5, lt=1, description="how sure the stop rule must be that nothing is better"
     )
     margin: float = Field(
         0.5, ge=0, description="utility differences below this are ties (stop rule)"
@@ -307,9 +313,12 @@ def _check_distinct(
     for i, j in itertools.combinations(range(len(contribs)), 2):
         if frozenset((i, j)) in exclusive:
             continue
-        both = apply_subset(baseline, contribs, {contribs[i].id, contribs[j].id}).hash()
+        a, b = contribs[i], contribs[j]
+        try:
+            both = apply_subset(baseline, contribs, {a.id, b.id}).hash()
+        except ContributionError as exc:
+            raise RoundError(f"{a.source} and {b.source} cannot be combined: {exc}") from None
         if both in (alone[i], alone[j]):
-            a, b = contribs[i], contribs[j]
             raise RoundError(
                 f"{a.source} and {b.source}: one's change is part of the other's; merge them or "
                 "split the shared setting into its own contribution"
