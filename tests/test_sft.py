@@ -216,14 +216,14 @@ def test_crash_and_resume_is_bit_exact(tok, base, tmp_path, monkeypatch) -> None
     recipe = tiny_recipe()
     clean = sft(recipe, tok, base, tmp_path / "clean")
 
-    real_save = sft_module.save_checkpoint
+    real_save = sft_module.save_fine_tuning
 
     def save_then_crash(root, step, *args, **kwargs):
         real_save(root, step, *args, **kwargs)
         if step == 4:
             raise Crash
 
-    monkeypatch.setattr(sft_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(sft_module, "save_fine_tuning", save_then_crash)
     with pytest.raises(Crash):
         sft(recipe, tok, base, tmp_path / "crashed")
     monkeypatch.undo()

@@ -55,11 +55,9 @@ from stacklab.rl.advantages import group_advantages, informative_groups, overlon
 from stacklab.rl.losses import LOSSES, kl_k3
 from stacklab.train.checkpoint import (
     final_model_dir,
-    latest_checkpoint,
-    load_checkpoint,
     load_model,
-    restore_rng,
-    save_checkpoint,
+    resume_fine_tuning,
+    save_fine_tuning,
     write_model,
 )
 from stacklab.train.optim import build_optimizer
@@ -368,14 +366,7 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
     updates_per_step = cfg.epochs * -(-cfg.prompts_per_step * cfg.group_size // cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.steps * updates_per_step, optim_cfg)
     ckpt_root = work_dir / "checkpoints"
-    step, seconds = 0, 0.0
-    if (found := latest_checkpoint(ckpt_root)) is not None:
-        ckpt = load_checkpoint(found, model.cfg)
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.state["scheduler"])
-        restore_rng(ckpt)
-        step, seconds = ckpt.step, ckpt.state["seconds"]
+    step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
     start = time.perf_counter()
     with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="rl") as log:
         task = bar.add_task("rl", total=cfg.steps, completed=step)
@@ -398,13 +389,8 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
                 task, completed=step, description=f"rl reward {record['reward']:.2f} · {accs}"
             )
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                state = {
-                    "scheduler": scheduler.state_dict(),
-                    "seconds": seconds + time.perf_counter() - start,
-                }
-                save_checkpoint(
-                    ckpt_root, step, model.cfg, model.state_dict(), optimizer.state_dict(), state
-                )
+                elapsed = seconds + time.perf_counter() - start
+                save_fine_tuning(ckpt_root, step, model, optimizer, scheduler, elapsed)
     seconds += time.perf_counter() - start
     write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
     return summary(work_dir, cfg, seconds)

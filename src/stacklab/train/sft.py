@@ -36,11 +36,9 @@ from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.progress import progress_bar
 from stacklab.recipe import OptimConfig, Recipe, SFTConfig
 from stacklab.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
     load_model,
-    restore_rng,
-    save_checkpoint,
+    resume_fine_tuning,
+    save_fine_tuning,
     write_model,
 )
 from stacklab.train.optim import build_optimizer
@@ -117,14 +115,7 @@ def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
     ckpt_root = work_dir / "checkpoints"
-    step, seconds = 0, 0.0
-    if (found := latest_checkpoint(ckpt_root)) is not None:
-        ckpt = load_checkpoint(found, model.cfg)
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.state["scheduler"])
-        restore_rng(ckpt)
-        step, seconds = ckpt.step, ckpt.state["seconds"]
+    step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
 
     n_rows = rows.inputs.shape[0]
     model.train()
@@ -161,13 +152,8 @@ def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics
                 )
                 bar.update(task, description=f"sft loss {out.loss.item():.3f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                state = {
-                    "scheduler": scheduler.state_dict(),
-                    "seconds": seconds + time.perf_counter() - start,
-                }
-                save_checkpoint(
-                    ckpt_root, step, model.cfg, model.state_dict(), optimizer.state_dict(), state
-                )
+                elapsed = seconds + time.perf_counter() - start
+                save_fine_tuning(ckpt_root, step, model, optimizer, scheduler, elapsed)
             bar.update(task, completed=step)
     seconds += time.perf_counter() - start
     write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
