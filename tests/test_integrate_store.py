@@ -164,3 +164,12 @@ def test_timestamps_read_back_as_utc(url: str) -> None:
     with RunStore(url) as store:
         created = store.get(key).created_at
     assert created.tzinfo is UTC and before <= created <= datetime.now(UTC)
+
+
+def test_claim_pending_can_keep_to_given_keys(tmp_path) -> None:
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    a = store.request("h-a", 0, ["x"], "r1", 0, {"seed": 0})
+    b = store.request("h-b", 0, ["y"], "r2", 0, {"seed": 0})
+    assert [r.key for r in store.claim_pending(5, keys=[b.key])] == [b.key]
+    assert store.get(a.key).status == "pending"
+    assert [r.key for r in store.claim_pending(5)] == [a.key]

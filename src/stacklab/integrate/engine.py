@@ -378,7 +378,7 @@ class _Session:
                 pending = [k for k in keys if runs[k].status == "pending"]
                 if not pending:
                     break
-                claimed = self.store.claim_pending(len(pending))
+                claimed = self.store.claim_pending(len(pending), keys=pending)
                 if not claimed:
                     break
                 jobs = [Job(r.key, r.recipe, r.seed, runs_dir / r.key) for r in claimed]

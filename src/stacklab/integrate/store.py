@@ -22,7 +22,7 @@ back to `pending` the runs that other live workers are training.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -196,19 +196,20 @@ class RunStore:
                 row = session.scalars(select(RunRow).where(RunRow.key == key)).one()
             return Run._of(row)
 
-    def claim_pending(self, limit: int) -> list[Run]:
-        """Mark up to `limit` pending runs (oldest first) running, and return them.
+    def claim_pending(self, limit: int, keys: Collection[str] | None = None) -> list[Run]:
+        """Mark up to `limit` pending runs (oldest first) running, and return them; with
+        `keys`, only runs among those (a store shared by several rounds holds other rounds'
+        pending runs, which are not this caller's to run).
 
         Safe across processes: no run is handed to two claimers (see the module docstring).
         """
         claimed = []
         with self._session() as session:
+            query = select(RunRow.id).where(RunRow.status == "pending")
+            if keys is not None:
+                query = query.where(RunRow.key.in_(list(keys)))
             ids = session.scalars(
-                select(RunRow.id)
-                .where(RunRow.status == "pending")
-                .order_by(RunRow.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+                query.order_by(RunRow.id).limit(limit).with_for_update(skip_locked=True)
             ).all()
             now = _now()
             for run_id in ids:
