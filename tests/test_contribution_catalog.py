@@ -1,0 +1,34 @@
+"""The built-in contribution catalog loads against its baseline and forms a valid round."""
+
+from pathlib import Path
+
+from stacklab.integrate.contributions import choice_groups, load_contributions
+from stacklab.integrate.round import load_round
+from stacklab.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOG = ROOT / "contributions"
+
+
+def test_catalog_loads_with_citations_and_one_choice_group() -> None:
+    baseline = load_recipe("tiny-baseline")
+    contribs = load_contributions([CATALOG], baseline)
+    assert len(contribs) >= 8
+    assert all(c.citation and c.author == "stacklab" for c in contribs)
+    assert {c.area for c in contribs} >= {"data", "architecture", "optimizer", "rl", "agent"}
+    assert choice_groups(contribs) == [["dapo-clip-higher", "gspo"]]
+
+
+def test_catalog_round_validates(tmp_path: Path) -> None:
+    """Every contribution changes the baseline and no two make each other redundant."""
+    round_file = tmp_path / "round.yaml"
+    round_file.write_text(
+        f"baseline: {ROOT / 'recipes' / 'tiny-baseline.yaml'}\n"
+        f"contributions: [{CATALOG}]\n"
+        "objectives: [{metric: val_bpb, direction: min, weight: 1.0}]\n"
+        "seeds: 2\n"
+        "budget: 200\n"
+        "runner: {kind: external, command: 'python train.py {recipe} {seed} {out}'}\n"
+    )
+    rnd = load_round(round_file)
+    assert len(rnd.contributions) == len(list(CATALOG.glob("*.yaml")))
