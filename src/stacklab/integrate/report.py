@@ -107,7 +107,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{background:#f6f8fa;padding:0 .2em;border-radius:3px}
 .accepted{color:#1a7f37;font-weight:600}.shelved{color:#9a6700;font-weight:600}
 .failed{color:#cf222e}.muted{color:#656d76}.small{font-size:.85em}
-svg{display:block;margin:.5em 0}svg text{font:11px system-ui,sans-serif}
+svg{display:block;margin:.5em 0;font:11px system-ui,sans-serif}
 details{margin:.3em 0}
 """
 
@@ -199,6 +199,31 @@ class _Scale:
     def __call__(self, v: float) -> float:
         return self.lo_px + (v - self.lo) / (self.hi - self.lo) * (self.hi_px - self.lo_px)
 
+    def ticks(self, room: Callable[[str], float]) -> list[tuple[float, str]]:
+        """Labels for both ends and zero, leaving out an end too close to zero to print."""
+        zero = "+0"
+        out = [(0.0, zero)]
+        for v in (self.lo, self.hi):
+            label = f"{v:+.3g}"
+            if abs(self(v) - self(0.0)) >= (room(label) + room(zero)) / 2 + 4:
+                out.append((v, label))
+        return out
+
+
+def _text_px(text: str, size: float = 11.0) -> float:
+    """A generous estimate of a label's width, to size charts so no label is cut off.
+
+    SVG cannot wrap or measure text without a script; 0.64 em a character covers the wide
+    sans-serif fonts (DejaVu Sans) that browsers fall back to on Linux.
+    """
+    return 0.64 * size * len(text)
+
+
+def _fit(text: str, px: float, size: float = 11.0) -> str:
+    """`text`, cut with an ellipsis if it would be wider than `px`."""
+    keep = int(px / (0.64 * size))
+    return text if len(text) <= keep else text[: max(keep - 1, 1)] + "\u2026"
+
 
 def _forest(
     title: str,
@@ -207,7 +232,9 @@ def _forest(
 ) -> str:
     """Horizontal interval plot: (label, estimate, low, high, filled?) per row."""
     e = html.escape
-    width, left, right, row_h, top = 760, 220, 20, 22, 28
+    longest = max((_text_px(label) for label, *_ in rows), default=0.0)
+    left = int(min(max(longest + 16, 120), 560))
+    width, right, row_h, top = left + 540, 20, 22, 28
     height = top + row_h * len(rows) + 24
     x = _Scale([v for _, est, lo, hi, _ in rows for v in (est, lo, hi)], left, width - right)
     out = [
@@ -220,7 +247,10 @@ def _forest(
     for k, (label, est, lo, hi, filled) in enumerate(rows):
         y = top + row_h * k + row_h / 2
         c = color(est)
-        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{e(label)}</text>')
+        out.append(
+            f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{e(_fit(label, left - 12))}</text>"
+        )
         if math.isfinite(lo) and math.isfinite(hi):
             out.append(
                 f'<line x1="{x(lo):.1f}" y1="{y:.1f}" x2="{x(hi):.1f}" y2="{y:.1f}" '
@@ -232,10 +262,10 @@ def _forest(
             f'stroke-width="2"><title>{e(label)}: {est:+.4g} [{lo:+.4g}, {hi:+.4g}]'
             "</title></circle>"
         )
-    for v in (x.lo, 0.0, x.hi):
+    for v, label in x.ticks(_text_px):
         out.append(
             f'<text x="{x(v):.1f}" y="{height - 6}" text-anchor="middle" fill="#656d76">'
-            f"{v:+.3g}</text>"
+            f"{label}</text>"
         )
     out.append("</svg>")
     return "".join(out)
@@ -273,8 +303,14 @@ def _interaction_svg(result: RoundResult, metric: str) -> str:
     inter = fit.interactions
     sign = 1.0 if _direction(result, metric) == "max" else -1.0
     scale = max((abs(x.estimate) for x in inter.values() if x.identified), default=0.0) or 1.0
-    cell, left, top = 34, 170, 110
-    width, height = left + cell * n + 10, top + cell * n + 10
+    numbers = [f"{x.estimate:+.2g}" for x in inter.values() if x.identified]
+    cell = int(max([34.0] + [_text_px(s, 9) + 8 for s in numbers]))
+    name = max((_text_px(cid) for cid in ids), default=0.0)
+    # Row names end left of the matrix; column names rise at 50 degrees above it.
+    left = int(max(60, name + 14))
+    top = int(max(40, name * 0.77 + 34))
+    width = int(max(left + cell * n + 10, left + cell * n - cell / 2 + name * 0.65 + 16))
+    height = top + cell * n + 10
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'role="img" aria-label="interactions on {e(metric)}">',
@@ -333,8 +369,10 @@ def _pareto_svg(result: RoundResult) -> str:
         return c.deltas[axis]
 
     width, height, pad = 760, 420, 50
-    x = _Scale([value(c, axes[0]) for c in rows], pad, width - 20)
     y = _Scale([value(c, axes[1]) for c in rows], height - pad, 20)
+    y_ticks = y.ticks(lambda label: 14.0)  # stacked: one line of text apart
+    left = int(30 + max(_text_px(label) for _, label in y_ticks))  # room for the y labels
+    x = _Scale([value(c, axes[0]) for c in rows], left, width - 20)
     front = set(result.choice.pareto)
     ids = result.round.ids
 
@@ -346,17 +384,29 @@ def _pareto_svg(result: RoundResult) -> str:
         'role="img" aria-label="Pareto front">',
         f'<line x1="{x(0):.1f}" y1="10" x2="{x(0):.1f}" y2="{height - pad}" stroke="{_NEUTRAL}" '
         'stroke-dasharray="3,3"/>',
-        f'<line x1="{pad}" y1="{y(0):.1f}" x2="{width - 20}" y2="{y(0):.1f}" stroke="{_NEUTRAL}" '
-        'stroke-dasharray="3,3"/>',
+        f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - 20}" y2="{y(0):.1f}" '
+        f'stroke="{_NEUTRAL}" stroke-dasharray="3,3"/>',
         f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">change in '
         f"{e(axes[0])} ({_direction(result, axes[0])} is better)</text>",
         f'<text transform="translate(14,{height / 2:.0f}) rotate(-90)" text-anchor="middle">'
         f"change in {e(axes[1])} ({_direction(result, axes[1])} is better)</text>",
+        *(
+            f'<text x="{x(v):.1f}" y="{height - pad + 16}" text-anchor="middle" '
+            f'fill="#656d76">{label}</text>'
+            for v, label in x.ticks(_text_px)
+        ),
+        *(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" fill="#656d76">'
+            f"{label}</text>"
+            for v, label in y_ticks
+        ),
     ]
     for c in sorted(rows, key=lambda c: c.subset in front):
         cx, cy = x(value(c, axes[0])), y(value(c, axes[1]))
         on = c.subset in front
-        fill = _GOOD if on else ("white" if not c.feasible else _NEUTRAL)
+        # Two independent marks: green for the front, hollow for a failed guardrail (the front
+        # is over every estimable subset, so an infeasible one can be on it).
+        fill = "white" if not c.feasible else (_GOOD if on else _NEUTRAL)
         r = 8 if c.subset == result.final else 4.5
         stroke = _INK if c.subset == result.final else (_GOOD if on else _NEUTRAL)
         tip = (
@@ -368,8 +418,11 @@ def _pareto_svg(result: RoundResult) -> str:
             f'stroke-width="1.5"><title>{e(tip)}</title></circle>'
         )
         if c.subset == result.final:
+            # Beside the dot, on whichever side has room.
+            side = 'text-anchor="end" ' if cx + 10 + _text_px("selected") > width else ""
             out.append(
-                f'<text x="{cx + 10:.1f}" y="{cy - 8:.1f}" font-weight="600">selected</text>'
+                f'<text x="{cx + (-10 if side else 10):.1f}" y="{cy - 8:.1f}" {side}'
+                'font-weight="600">selected</text>'
             )
     out.append("</svg>")
     legend = (
