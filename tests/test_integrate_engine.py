@@ -425,6 +425,21 @@ def test_html_report_is_self_contained_and_balanced(tmp_path: Path) -> None:
     assert md.startswith("## Integration round `round`") and "| `beta` | optimizer | accepted" in md
 
 
+def test_relative_out_works_from_another_folder(tmp_path: Path, monkeypatch) -> None:
+    """Runs execute in the round file's folder; a relative --out must still land in cwd."""
+    from rich.console import Console
+
+    from integrate_sim.scenarios import small, write_round
+    from stacklab.integrate.engine import integrate
+
+    round_file = write_round(tmp_path / "r", small(), budget=40)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = integrate(round_file, "out", console=Console(file=io.StringIO()))
+    assert result.decision["runs"]["failed"] == 0
+    assert (tmp_path / "here" / "out" / "decision.json").is_file()
+
+
 def test_cli_integrate_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

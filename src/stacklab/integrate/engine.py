@@ -127,7 +127,7 @@ def integrate(
 ) -> RoundResult:
     """Run a round to its decision; write decision.json, report.md and report.html in out_dir."""
     rnd = load_round(round_file)
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # runs execute in the round file's folder
     out.mkdir(parents=True, exist_ok=True)
     url = rnd.spec.store or f"sqlite:///{(out / 'runs.db').resolve()}"
     runner = make_runner(rnd.spec.runner, rnd.file.parent, rnd.metrics, rnd.workers)

@@ -19,7 +19,9 @@ process (the work is in the children, so threads are enough), or Ray for a clust
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import shlex
@@ -31,8 +33,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -252,37 +254,79 @@ class RayPool:
     """Runs as Ray tasks: `ray.init(address=...)` joins a cluster (None: a local instance).
 
     Run folders are written where the task runs, so on several machines `--out` should be on
-    a shared filesystem; the metrics come back to the coordinator either way.
+    a shared filesystem; the metrics come back to the coordinator either way. Paths are made
+    absolute here first: a task's working directory is not the coordinator's. Every machine
+    needs stacklab installed (the task is `stacklab.integrate.runners._call`).
     """
 
     address: str | None
     cpus_per_run: float = 1.0
+    cancel_grace_s: float = 10.0  # on Ctrl-C, how long running tasks get to kill their trainers
 
     def run(self, runner: CommandRunner, jobs: Sequence[Job]) -> Iterator[Outcome]:
         if not jobs:
             return
         ray = _import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.address)
+            # Quiet: the engine owns the terminal, and a task's output is in its run folder.
+            # No dashboard: a local instance is for this round, not a web server left open.
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        runner = replace(runner, cwd=runner.cwd.absolute())
         task = ray.remote(num_cpus=self.cpus_per_run)(_call)
-        pending = {task.remote(runner, job): job for job in jobs}
+        pending = {
+            task.remote(runner, replace(job, run_dir=job.run_dir.absolute())): job for job in jobs
+        }
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     job = pending.pop(ref)
                     try:
-                        yield ray.get(ref)
+                        outcome = ray.get(ref)
                     except Exception as exc:  # the task itself died (node lost, OOM, ...)
-                        yield Outcome(job.key, None, f"ray task failed: {exc}", 0.0)
+                        outcome = Outcome(job.key, None, f"ray task failed: {exc}", 0.0)
+                    yield outcome
         finally:
-            for ref in pending:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+            if pending:
+                self._cancel(ray, list(pending))
+
+    def _cancel(self, ray: Any, refs: list[Any]) -> None:
+        """Stop the tasks, each killing its trainer's process group first: a forced cancel
+        kills the Ray worker and its direct child, but what the trainer started trains on."""
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)
+        with contextlib.suppress(Exception):
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=self.cancel_grace_s)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
 
 
 def _call(runner: CommandRunner, job: Job) -> Outcome:
-    return runner(job)
+    """A Ray task: the run, in a thread, so that a cancel reaches this one while it waits.
+
+    Ray cancels a running task by raising KeyboardInterrupt in its main thread, which a
+    blocking wait for the child would not see until the child ends. Here the main thread
+    polls instead, and on a cancel kills this worker's trainers (as LocalPool does) so the
+    run ends as a failure and its temporary folder does not stay behind.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="run") as pool:
+        future = pool.submit(runner, job)
+        try:
+            while not wait([future], timeout=0.2).done:
+                pass
+        except BaseException:
+            while not future.done():  # again until it ends: a trainer may have been starting
+                kill_live()
+                wait([future], timeout=0.2)
+            raise
+        return future.result()
 
 
 def _import_ray() -> Any:
@@ -290,7 +334,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError:
         raise StacklabError(
-            "executor kind 'ray' needs Ray: pip install 'ray[default]' (or use kind: local)"
+            "executor kind 'ray' needs Ray: pip install ray (or use kind: local)"
         ) from None
     return ray
 
@@ -298,5 +342,10 @@ def _import_ray() -> Any:
 def make_executor(spec: LocalExecutor | RayExecutor, workers: int) -> Executor:
     if isinstance(spec, RayExecutor):
         _import_ray()  # fail at the start of a round, not at its first batch
+        if (spec.address or "").startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            raise StacklabError(
+                f"executor address {spec.address} is a Ray Client address, which needs "
+                "pip install 'ray[client]' (or give the cluster's GCS address, host:6379)"
+            )
         return RayPool(spec.address, spec.cpus_per_run)
     return LocalPool(workers)
