@@ -2,6 +2,7 @@
 
 import multiprocessing
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,18 @@ import pytest
 
 from stacklab.errors import StacklabError
 from stacklab.integrate.store import RunStore, StoreError, run_key
+from test_integrate_store_pg import pg_schema_url
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every test on SQLite, and on the PostgreSQL server in STACKLAB_TEST_PG_URL where one is
+    given (a schema of its own per test; see test_integrate_store_pg.py)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'runs.db'}"
+    else:
+        with pg_schema_url() as pg_url:
+            yield pg_url
 
 
 def ask(store: RunStore, recipe: str, seed: int = 0, round: str = "r1", subset: Any = ()) -> Any:
@@ -166,10 +174,11 @@ def test_timestamps_read_back_as_utc(url: str) -> None:
     assert created.tzinfo is UTC and before <= created <= datetime.now(UTC)
 
 
-def test_claim_pending_can_keep_to_given_keys(tmp_path) -> None:
-    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
-    a = store.request("h-a", 0, ["x"], "r1", 0, {"seed": 0})
-    b = store.request("h-b", 0, ["y"], "r2", 0, {"seed": 0})
-    assert [r.key for r in store.claim_pending(5, keys=[b.key])] == [b.key]
-    assert store.get(a.key).status == "pending"
-    assert [r.key for r in store.claim_pending(5)] == [a.key]
+def test_claim_pending_can_keep_to_given_keys(url: str) -> None:
+    with RunStore(url) as store:
+        a = store.request("h-a", 0, ["x"], "r1", 0, {"seed": 0})
+        b = store.request("h-b", 0, ["y"], "r2", 0, {"seed": 0})
+        assert [r.key for r in store.claim_pending(5, keys=[b.key])] == [b.key]
+        assert store.get(a.key).status == "pending"
+        assert store.claim_pending(5, keys=[]) == []
+        assert [r.key for r in store.claim_pending(5)] == [a.key]

@@ -44,7 +44,9 @@ def recipe_diff(base: Any, other: Any, prefix: str = "") -> list[tuple[str, Any,
 
 
 def _fmt(values: Sequence[float]) -> str:
-    est, low, high = values
+    # Sums of many float terms leave 1e-17 where the exact value is 0; show those as 0.
+    tol = 1e-9 * max((abs(v) for v in values), default=0.0)
+    est, low, high = (0.0 if abs(v) <= tol else v for v in values)
     return f"{est:+.3g} [{low:+.3g}, {high:+.3g}]"
 
 

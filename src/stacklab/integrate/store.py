@@ -38,6 +38,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -142,7 +143,7 @@ class RunStore:
         )
         if sqlite:
             _sqlite_for_many_processes(self.engine)
-        _Base.metadata.create_all(self.engine)
+        _create_tables(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         if reset_stale:
             self.reset_stale()
@@ -296,6 +297,24 @@ class RunStore:
         if row is None:
             raise StoreError(f"no run with key {key}")
         return row
+
+
+# Any fixed number: the PostgreSQL advisory lock that stores take while creating the tables.
+_CREATE_LOCK = 0x737461636B6C6162  # "stacklab"
+
+
+def _create_tables(engine: Engine) -> None:
+    """Create the tables if missing, one process at a time.
+
+    PostgreSQL does not serialise `CREATE TABLE IF NOT EXISTS`-style checks: stores opened at
+    once on a new database race, and all but one fail ("relation already exists" or a unique
+    violation in pg_type). A transaction-scoped advisory lock makes the others wait, then see
+    the tables (DDL is transactional there). SQLite's IMMEDIATE transaction already serialises.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
+        _Base.metadata.create_all(conn)
 
 
 def _sqlite_for_many_processes(engine: Engine) -> None:
