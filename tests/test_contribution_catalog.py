@@ -32,3 +32,16 @@ def test_catalog_round_validates(tmp_path: Path) -> None:
     )
     rnd = load_round(round_file)
     assert len(rnd.contributions) == len(list(CATALOG.glob("*.yaml")))
+
+
+def test_demo_round_is_built_in() -> None:
+    """`stacklab demo` runs rounds/demo.yaml: three catalog techniques on demo-baseline."""
+    rnd = load_round("demo")
+    assert rnd.file == (ROOT / "rounds" / "demo.yaml").resolve()
+    assert rnd.ids == ["muon", "qk-norm", "wsd-schedule"]
+    assert rnd.baseline.name == "demo-baseline"
+    assert not rnd.baseline.sft.enabled and not rnd.baseline.rl.enabled
+    assert rnd.spec.runner.kind == "builtin"
+    assert "val_bpb" in rnd.metrics
+    # Screening (2^3 subsets x 2 seeds) plus a confirmation batch must fit the budget.
+    assert rnd.spec.budget >= 8 * len(rnd.seeds) + 3 * rnd.confirm_count

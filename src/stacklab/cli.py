@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,14 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the built-in tiny recipe on the embedded corpus",
-        description="Build recipes/tiny.yaml (the Python standard library as corpus, plus "
-        "synthetic arithmetic) and print what was made.",
+        help="run the demo integration round (about 15 minutes on 2 CPU cores)",
+        description="Run the built-in round rounds/demo.yaml: Muon, QK-norm and a WSD "
+        "schedule from the contribution catalog, on a shrunken tiny recipe "
+        "(recipes/demo-baseline.yaml; the Python standard library as corpus, nothing is "
+        "downloaded). The engine plans and runs the builds, fits effects, chooses, confirms "
+        "and writes OUT/report.html, OUT/report.md and OUT/decision.json. Re-running resumes. "
+        "To build the full tiny recipe instead: stacklab build tiny --out runs/tiny.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="default: runs/demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    _cache_args(p)
-    p.set_defaults(func=cmd_demo, recipe="tiny")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="stage cache root for the round's builds (default: $STACKLAB_CACHE or "
+        "~/.cache/stacklab)",
+    )
+    p.set_defaults(func=cmd_demo, round="demo")
 
     p = sub.add_parser(
         "recipe",
@@ -221,8 +231,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    console.print("[bold]stacklab demo[/]: building the tiny recipe on the embedded corpus")
-    return cmd_build(args)
+    if args.cache_dir is not None:  # the round's builds are child processes: they read this
+        os.environ["STACKLAB_CACHE"] = str(args.cache_dir.resolve())
+    console.print(
+        "[bold]stacklab demo[/]: an integration round over three techniques from the "
+        "catalog (muon, qk-norm, wsd-schedule) on recipes/demo-baseline.yaml"
+    )
+    code = cmd_integrate(args)
+    console.print(
+        f"report: {args.out / 'report.html'} (open it in a browser); "
+        f"summary: {args.out / 'report.md'}",
+        highlight=False,
+    )
+    return code
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ from stacklab.integrate.select import Guardrail, Objective
 from stacklab.recipe import Recipe, load_recipe
 
 PLACEHOLDERS = ("recipe", "seed", "out")
+ROUNDS_DIR = Path(__file__).resolve().parents[3] / "rounds"
 
 
 class RoundError(StacklabError):
@@ -233,11 +234,23 @@ class Round:
         return list(dict.fromkeys(names))
 
 
+def resolve_round_path(path: str | Path) -> Path:
+    """A round file, or the bare name of a built-in round (`demo` -> rounds/demo.yaml)."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    builtin = ROUNDS_DIR / f"{path}.yaml"
+    if file.suffix == "" and len(file.parts) == 1 and builtin.is_file():
+        return builtin
+    choices = sorted(p.stem for p in ROUNDS_DIR.glob("*.yaml"))
+    raise RoundError(
+        f"round file not found: {file} (built-in rounds: {', '.join(choices) or 'none'})"
+    )
+
+
 def load_round(path: str | Path) -> Round:
     """Read, validate and resolve a round file; every error names the file and the key."""
-    file = Path(path)
-    if not file.is_file():
-        raise RoundError(f"round file not found: {file}")
+    file = resolve_round_path(path)
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:

@@ -1,0 +1,62 @@
+"""A real round through the built-in runner: `stacklab build` per run, stages shared by cache.
+
+The baseline is the demo's, shrunk to a few pretraining steps; the contributions are the
+catalog's own files. This is the demo's path end to end (round file -> builds -> metrics ->
+decision -> reports), and it checks that a second invocation resumes with nothing re-run.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stacklab.integrate.engine import integrate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
+    (tmp_path / "nano.yaml").write_text(
+        f"base: {ROOT / 'recipes' / 'demo-baseline.yaml'}\n"
+        "name: nano\n"
+        "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
+        "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
+        "pretrain: {steps: 3, batch_size: 2, ckpt_every: 3}\n"
+        "eval: {task_problems: 4}\n"
+    )
+    (tmp_path / "round.yaml").write_text(
+        "baseline: nano.yaml\n"
+        f"contributions: [{ROOT / 'contributions' / 'muon.yaml'}, "
+        f"{ROOT / 'contributions' / 'wsd-schedule.yaml'}]\n"
+        "objectives: [{metric: val_bpb, direction: min, weight: 1.0}]\n"
+        "guardrails: [{metric: pretrain/tokens_per_s, kind: ratio, threshold: 0.01}]\n"
+        "seeds: 1\n"
+        "confirm_seeds: 1\n"
+        "budget: 10\n"
+        "runner: {kind: builtin, cache_dir: cache, timeout_s: 300}\n"
+        "executor: {kind: local, workers: 2}\n"
+    )
+    out = tmp_path / "out"
+    result = integrate(tmp_path / "round.yaml", out)
+    d = result.decision
+    assert d["runs"]["failed"] == 0 and d["runs"]["executed"] >= 4
+    assert {row["id"] for row in d["decisions"]} == {"muon", "wsd-schedule"}
+    assert all(row["status"] in ("accepted", "shelved") and row["reason"] for row in d["decisions"])
+    for name in ("decision.json", "report.md", "report.html"):
+        assert (out / name).stat().st_size > 0
+    # Every finished run is a real build: its own metrics, recipe and stage links.
+    run_dirs = [p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(run_dirs) == d["runs"]["executed"]
+    for run in run_dirs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["val_bpb"] > 0 and metrics["pretrain/tokens"] == 3 * 2 * 256
+        assert (run / "pretrain").exists()
+    # The data stages are shared: one corpus for every run, one tokenizer per seed.
+    assert len(list((tmp_path / "cache" / "corpus").glob("*/"))) == 1
+    stamps = {run.name: (run / "metrics.json").stat().st_mtime_ns for run in run_dirs}
+    again = integrate(tmp_path / "round.yaml", out).decision
+    assert again["selected"] == d["selected"] and again["runs"] == d["runs"]
+    after = [p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert {run.name: (run / "metrics.json").stat().st_mtime_ns for run in after} == stamps
