@@ -73,8 +73,7 @@ def markdown(result: RoundResult) -> str:
     ]
     for row in d["decisions"]:
         lines.append(
-            f"| `{row['id']}` | {row['area']} | {row['status']} ({row['kind']}) | "
-            f"{_md_cell(row['reason'])} |"
+            f"| `{row['id']}` | {row['area']} | {_status(row)} | {_md_cell(row['reason'])} |"
         )
     if d["credit_table"]:
         metrics = [m for m in d["credit_table"][0] if m not in ("id", "author", "status")]
@@ -91,6 +90,20 @@ def markdown(result: RoundResult) -> str:
     if d["notes"]:
         lines += ["", "Notes:", *(f"- {note}" for note in d["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _shown_path(path: str) -> str:
+    """A path under the current folder is shown relative to it (the page is read there)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _status(row: dict[str, Any]) -> str:
+    """`shelved (vanishes)`; the kind is not repeated when it only restates the status."""
+    kind = row["kind"]
+    return row["status"] if kind == row["status"] else f"{row['status']} ({kind})"
 
 
 def _md_cell(text: str) -> str:
@@ -123,7 +136,7 @@ def html_page(result: RoundResult) -> str:
         f"<title>stacklab integrate: {e(d['round'])}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Integration round <code>{e(d['round'])}</code></h1>",
-        f"<p class='muted'>baseline <code>{e(d['baseline'])}</code>; "
+        f"<p class='muted'>baseline <code>{e(_shown_path(d['baseline']))}</code>; "
         f"{d['runs']['executed']} runs executed, {d['runs']['reused']} reused, "
         f"{d['runs']['failed']} failed (budget {d['runs']['budget']}); stopped: "
         f"{e(d['stopped'])}</p>",
@@ -179,7 +192,12 @@ def _decision_table(d: dict[str, Any]) -> str:
             f"<tr><td><code>{e(row['id'])}</code><br><span class='muted small'>"
             f"{e(row['blind_id'])}</span></td><td>{e(row['area'])}</td>"
             f"<td>{e(row['summary'])}</td><td class='{e(row['status'])}'>{e(row['status'])}"
-            f"<br><span class='muted small'>{e(row['kind'])}</span></td>"
+            + (
+                f"<br><span class='muted small'>{e(row['kind'])}</span>"
+                if row["kind"] != row["status"]
+                else ""
+            )
+            + "</td>"
             f"<td>{e(row['reason'])}</td></tr>"
         )
     return (
