@@ -254,7 +254,49 @@ def main() -> None:
     res = compare(args)
     print_tables(res)
     if args.json:
+        res["table"] = bench_rows(res)
         args.json.write_text(json.dumps(res, indent=1))
+
+
+def bench_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows `stacklab bench` prints: the engine against each other search."""
+    n, methods = res["config"]["scenarios"], res["methods"]
+    engine = methods["engine"]
+    case = f"{n} scenarios, noise {res['config']['noise']}"
+    rows = []
+    peers = [k for k in methods if k in ("full factorial", "greedy") or k.startswith("optuna")]
+    for name in peers:
+        m = methods[name]
+        rows.append(
+            {
+                "benchmark": "engine_search",
+                "case": f"{case}; {name} at {m['runs_mean']:.0f} runs",
+                "unit": "right final subsets",
+                "ours": float(engine["found"]),
+                "peer": float(m["found"]),
+                "peer_name": name.split(" (")[0],
+                "ratio": engine["found"] / m["found"] if m["found"] else None,
+                "goal": "more right subsets",
+                "met": engine["found"] > m["found"],
+                "note": f"engine {engine['runs_mean']:.0f} runs on average",
+            }
+        )
+    for name, match in res["runs_to_match_engine"].items():
+        rows.append(
+            {
+                "benchmark": "engine_search",
+                "case": f"{case}; runs to match the engine's {engine['found']}/{n}",
+                "unit": "runs",
+                "ours": float(engine["runs_mean"]),
+                "peer": float(match) if match else None,
+                "peer_name": name,
+                "ratio": match / engine["runs_mean"] if match else None,
+                "goal": "fewer runs to equal accuracy",
+                "met": match is None or match > engine["runs_mean"],
+                "note": "" if match else f"{name} never matched within {res['max_runs']} runs",
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":
