@@ -22,6 +22,8 @@ back to `pending` the runs that other live workers are training.
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import time
 from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -142,7 +144,7 @@ class RunStore:
             url, connect_args={"timeout": busy_timeout_s} if sqlite else {}
         )
         if sqlite:
-            _sqlite_for_many_processes(self.engine)
+            _sqlite_for_many_processes(self.engine, busy_timeout_s)
         _create_tables(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         if reset_stale:
@@ -317,19 +319,31 @@ def _create_tables(engine: Engine) -> None:
         _Base.metadata.create_all(conn)
 
 
-def _sqlite_for_many_processes(engine: Engine) -> None:
+def _sqlite_for_many_processes(engine: Engine, busy_timeout_s: float) -> None:
     """WAL (readers never block the writer) and IMMEDIATE transactions (no lock upgrades).
 
     A deferred SQLite transaction that reads, then writes after another process committed,
     fails at once with "database is locked" whatever the busy timeout; taking the write lock
-    at BEGIN makes such transactions wait their turn instead.
+    at BEGIN makes such transactions wait their turn instead. Switching a new file to WAL can
+    fail the same way when several processes open it at once (the busy handler does not
+    cover it), so the switch is skipped once the file is in WAL and retried until the busy
+    timeout otherwise.
     """
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         cursor.close()
 
     @event.listens_for(engine, "begin")
