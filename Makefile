@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, build the tiny recipe on the embedded corpus
+#   make demo   create .venv, install, run the demo integration round (about 13 minutes)
 #   make test   create .venv, install, run the test suite
+#   make bench  the CPU benchmark suite (about 10 minutes), one table
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/stacklab bench
 
 lint: setup
 	$(BIN)/ruff check src tests

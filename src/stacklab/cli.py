@@ -185,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("round", metavar="ROUND", type=Path, help="the round file (YAML)")
     p.add_argument("--out", required=True, type=Path, help="round directory (created if missing)")
     p.set_defaults(func=cmd_integrate)
+
+    p = sub.add_parser(
+        "bench",
+        help="run the CPU benchmark suite and print one table (about 10 minutes)",
+        description="Run the scripts in benchmarks/ one after another (training step and MoE "
+        "layer vs transformers and a per-expert loop, rollout sampling vs transformers "
+        "generate, one RL step, the integration engine vs other searches) and print every "
+        "ratio next to its goal. --quick runs each in well under a minute.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these benchmarks")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: each script's)"
+    )
+    p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -347,6 +364,36 @@ def _print_build(result, seconds: float) -> None:
     console.print(table)
     _print_metrics(result.metrics, "metrics.json")
     console.print(f"done in {seconds:.1f}s; metrics in {result.out / 'metrics.json'}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stacklab.bench import fmt_number, markdown_table, run_suite
+    from stacklab.fileio import write_atomic
+
+    rows, failures = run_suite(args.names, args.quick, args.threads, log=console.print)
+    table = Table(title="stacklab bench" + (" (quick)" if args.quick else ""))
+    for col in ("benchmark", "case", "unit", "ours", "peer", "ratio", "goal", "met"):
+        table.add_column(col, justify="right" if col in ("ours", "peer", "ratio") else "left")
+    for r in rows:
+        met = "" if r["met"] is None else ("[green]yes[/]" if r["met"] else "[red]no[/]")
+        table.add_row(
+            r["benchmark"],
+            r["case"],
+            r["unit"],
+            fmt_number(r["ours"]),
+            f"{fmt_number(r['peer'])} {r['peer_name']}" if r["peer"] is not None else "",
+            f"{r['ratio']:.2f}x" if r["ratio"] is not None else "",
+            r["goal"],
+            met,
+        )
+    console.print(table)
+    if args.json:
+        write_atomic(args.json, json.dumps(rows, indent=2))
+    if args.markdown:
+        write_atomic(args.markdown, markdown_table(rows))
+    for failure in failures:
+        console.print(f"[red]failed[/] {failure}")
+    return 1 if failures else 0
 
 
 def cmd_integrate(args: argparse.Namespace) -> int:
