@@ -382,6 +382,11 @@ class PretrainConfig(Section):
     )
     compile: bool = False
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun; fsdp: GPU only")
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward: less memory, about one "
+        "more forward per step; identical results",
+    )
 
 
 AgentEnvName = Literal["calculator", "lookup"]

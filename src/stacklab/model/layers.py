@@ -6,9 +6,17 @@ SwiGLU MLPs) and the transformer can both use them without importing each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Training fast paths (one matmul for the attention projections, the output head fused with
+# the cross-entropy). They compute what the plain path computes, up to float rounding; tests
+# flip this switch to compare the two (tests/test_fastpaths_train.py).
+FAST_PATHS = True
+LOGITS_CHUNK_ELEMENTS = 1 << 21  # logits per chunk of the fused head + loss: 8 MB in float32
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +31,20 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def fused_linear(x: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+    """`F.linear(x, w)` for each of `weights` (no bias), as one matmul when FAST_PATHS.
+
+    The weights stay separate parameters (the state dict, Hugging Face export and per-matrix
+    optimizers such as Muon see them unchanged); they are concatenated for the product, and
+    autograd splits the gradient back. One larger product keeps the matmul kernel busier
+    than several thin ones and reads `x` once.
+    """
+    if not FAST_PATHS or len(weights) == 1:
+        return tuple(F.linear(x, w) for w in weights)
+    out = F.linear(x, torch.cat(weights))
+    return out.split([w.shape[0] for w in weights], dim=-1)
 
 
 class MLP(nn.Module):
@@ -55,3 +77,63 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `x @ weight.T` against `targets`, in chunks of rows.
+
+    The gradient is computed during the forward, chunk by chunk (softmax minus one-hot, times
+    the weight for `x`, times `x` for the weight), so the [N, V] logits, their log-softmax and
+    their gradient never exist whole: on the tiny recipe they are the largest activations of
+    a training step. Backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, chunk: int
+    ) -> Tensor:
+        valid = targets != -100
+        count = valid.sum().clamp(min=1)
+        grad_x = torch.empty_like(x) if x.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk):
+            xs, ts = x[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(xs, weight).float()  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            ok = valid[start : start + chunk]
+            safe = ts.clamp(min=0)
+            picked = logits.gather(-1, safe[:, None]).squeeze(-1)
+            total = total + torch.where(ok, lse - picked, 0.0).sum()
+            # d(loss)/d(logits) = (softmax - onehot) / count on valid rows, 0 elsewhere
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs.scatter_add_(-1, safe[:, None], -torch.ones_like(probs[:, :1]))
+            probs.mul_((ok.float() / count)[:, None])
+            grad_logits = probs.to(x.dtype)
+            if grad_x is not None:
+                grad_x[start : start + chunk] = grad_logits @ weight.to(x.dtype)
+            grad_w.addmm_(grad_logits.t().float(), xs.float())
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_x, grad_w = ctx.saved_tensors
+        gx = grad_x * grad if grad_x is not None and ctx.needs_input_grad[0] else None
+        gw = grad_w * grad if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """`F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-100)` without logits.
+
+    x [N, D], weight [V, D], targets [N]. With gradients enabled, autocast off and FAST_PATHS
+    this is the chunked fused path (`_LinearCrossEntropy`); otherwise the plain computation.
+    """
+    fused = FAST_PATHS and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    # Under autocast the plain path keeps autocast's casts (bf16 matmul, float32 loss).
+    if fused and not torch.is_autocast_enabled(x.device.type):
+        chunk = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk)
+    logits = F.linear(x, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=-100)

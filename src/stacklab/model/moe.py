@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stacklab.model import layers
 from stacklab.model.layers import MLP
 from stacklab.recipe import MoEConfig
 
@@ -105,9 +106,14 @@ def run_experts(
     rows = x[token]  # [N*k, D] contiguous per expert
     linear = _grouped_linear(rows, counts, hidden=gate_proj.shape[1])
     hidden = F.silu(linear(rows, gate_proj)) * linear(rows, up_proj)  # [N*k, F]
-    out = linear(hidden, down_proj)  # [N*k, D]
-    # Weight in float32 and accumulate in x's dtype, as GLM-4-MoE does.
-    out = (out * weights.flatten()[order, None]).to(x.dtype)
+    weight = weights.flatten()[order, None]  # [N*k, 1] float32
+    if layers.FAST_PATHS:
+        # down_proj is linear, so weighting its input is the same sum up to rounding, on the
+        # narrower [N*k, F] rows (F < D in fine-grained MoE): less work, a smaller saved tensor.
+        out = linear((hidden * weight).to(hidden.dtype), down_proj).to(x.dtype)
+    else:
+        # Weight in float32 and accumulate in x's dtype, as GLM-4-MoE does.
+        out = (linear(hidden, down_proj) * weight).to(x.dtype)
     return out.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token, out)
 
 
@@ -154,6 +160,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("expert_counts", torch.zeros(n, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
+        # True while activation checkpointing replays this forward in backward: the replay
+        # must compute exactly what the first run did, but not count the tokens again.
+        self.replaying = False
         for param in self.parameters():
             nn.init.normal_(param, mean=0.0, std=init_std)
 
@@ -166,7 +175,8 @@ class MoE(nn.Module):
         counts = tokens_per_expert(experts, self.cfg.num_experts)
         self.aux_loss = logits.new_zeros(())
         if self.training:
-            self.expert_counts += counts
+            if not self.replaying:
+                self.expert_counts += counts
             if self.cfg.balance == "aux_loss":
                 self.aux_loss = self.cfg.aux_loss_coef * load_balance_loss(
                     scores, counts, self.cfg.router

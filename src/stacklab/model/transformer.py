@@ -18,15 +18,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from stacklab.model.layers import MLP, RMSNorm, apply_rope, rope_tables
+from stacklab.model.layers import (
+    MLP,
+    RMSNorm,
+    apply_rope,
+    fused_linear,
+    linear_cross_entropy,
+    rope_tables,
+)
 from stacklab.model.moe import MoE
 from stacklab.recipe import ModelConfig, ModelDims
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None when the forward was asked for the loss only
     loss: Tensor | None  # mean cross-entropy over targets != -100
     aux_loss: Tensor  # MoE load-balancing terms, 0 for dense models
 
@@ -77,9 +85,10 @@ class Attention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -131,7 +140,16 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.dims.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of keeping them.
+
+        Trades about one extra forward per step for memory: only the blocks' inputs are kept.
+        Applies to training forwards with gradients and no KV cache; results are unchanged.
+        """
+        self.activation_checkpointing = enabled
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers)."""
@@ -152,6 +170,7 @@ class Transformer(nn.Module):
         key_mask: Tensor | None = None,  # [B, S] bool, S = cached + T; False = padding
         last_only: bool = False,  # logits of the last position only ([B, 1, V]): for decoding
         logits_mask: Tensor | None = None,  # [B, T] bool: logits of these positions only, [N, V]
+        return_logits: bool = True,  # False (with targets): loss only, head fused with the loss
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -164,14 +183,25 @@ class Transformer(nn.Module):
         mask = self._mask(B, T, past, key_mask, input_ids.device)
 
         x = self.embed(input_ids)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if recompute:
+                x = _checkpointed(layer, x, cos, sin, mask, i)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         if logits_mask is not None:  # RL scores only sampled tokens: skip the head elsewhere
             x = x[logits_mask]
         elif last_only:
             x = x[:, -1:]
+        if targets is not None and not return_logits and logits_mask is None and not last_only:
+            # Training: the [B, T, V] logits are never materialised (layers.linear_cross_entropy).
+            h = self.norm(x)
+            loss = linear_cross_entropy(
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1)
+            )
+            return ModelOutput(logits=None, loss=loss, aux_loss=self._aux_loss(x))
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -228,6 +258,31 @@ class Transformer(nn.Module):
         n = self.num_params(active=True) - self.embed.weight.numel()
         n += self.lm_head.weight.numel()
         return 6.0 * n + 12.0 * d.n_layers * d.n_heads * d.head_dim * seq_len
+
+
+def _checkpointed(
+    block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, i: int
+) -> Tensor:
+    """`block(x, ...)` under activation checkpointing (non-reentrant).
+
+    The recomputation in backward runs the block's forward a second time; an MoE block must
+    not count its tokens twice, so it is told which run is the replay.
+    """
+    moe = block.mlp if isinstance(block.mlp, MoE) else None
+    runs = 0
+
+    def run(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        nonlocal runs
+        runs += 1
+        if moe is None:
+            return block(x, cos, sin, mask, None, i)
+        moe.replaying = runs > 1
+        try:
+            return block(x, cos, sin, mask, None, i)
+        finally:
+            moe.replaying = False
+
+    return checkpoint(run, x, cos, sin, mask, use_reentrant=False)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> Transformer:

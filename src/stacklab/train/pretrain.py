@@ -107,6 +107,7 @@ def _train(
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     raw = build_model(recipe.model, vocab_size).to(world.device)
+    raw.set_activation_checkpointing(cfg.activation_checkpointing)
     wrapped = D.wrap_model(raw, world, cfg.parallel)
     model = torch.compile(wrapped) if cfg.compile else wrapped
     optimizer = build_optimizer(raw, recipe.optim)
@@ -251,7 +252,8 @@ def train_step(
     for i, (inputs, targets) in enumerate(batches):
         with D.gradient_sync(wrapped, enabled=i == grad_accum - 1):
             with autocast():
-                out = model(inputs, targets)
+                # Loss only: the head is fused with the loss and no logits are kept.
+                out = model(inputs, targets, return_logits=False)
             ((out.loss + out.aux_loss) / grad_accum).backward()
         losses.append(out.loss.detach())
         aux_losses.append(out.aux_loss.detach().float())
@@ -437,7 +439,9 @@ def pretrain_config(recipe: Recipe) -> dict[str, Any]:
     return {
         "model": recipe.model.model_dump(mode="json"),
         "optim": recipe.optim.model_dump(mode="json"),
-        "pretrain": recipe.pretrain.model_dump(mode="json"),
+        # Activation checkpointing changes memory and time, never the result: runs with and
+        # without it share the stage's cache.
+        "pretrain": recipe.pretrain.model_dump(mode="json", exclude={"activation_checkpointing"}),
         "seed": recipe.seed,
     }
 

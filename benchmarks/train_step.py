@@ -1,0 +1,468 @@
+"""One pretraining step (forward, backward, AdamW step): our model vs `transformers`.
+
+Cases: the tiny dense recipe (vs Qwen3), the tiny MoE recipe (8 experts, top-2, sigmoid router
+with a shared expert: vs GLM-4-MoE, what our exporter emits for it) and a fine-grained MoE
+(64 experts, top-8, otherwise tiny-moe: vs GLM-4-MoE). The Hugging Face model is built from
+our exported config and weights (`hf_config`, `to_hf_state_dict`), so both sides hold the same
+weights; both train with `torch.optim.AdamW` on the same batch, alternating, and the script
+prints medians of tokens/s, the ratio, the goal from the performance issue, and model FLOPs
+utilisation against a float32 matmul peak measured in the same run (`measure_peak_flops`,
+the better of a measurement at the start and one at the end, as pretraining does).
+
+Before timing, every `transformers` setting (attention: sdpa, eager; experts: eager,
+batched_mm, grouped_mm) is checked to give our logits and loss, and the fastest correct one
+(forward+backward on two rows of the batch) is kept, so the peer is never handicapped.
+
+Peak memory is measured per side in a fresh subprocess (glibc's mmap threshold fixed at
+64 KiB, so freed tensors go back to the OS and the resident size follows live memory): after
+one warm-up step the peak-RSS counter is reset (`/proc/self/clear_refs`), one more step runs,
+and the report gives the peak increase over the resident size before the step (activations,
+gradients, temporaries). Linux only; `--no-memory` skips it.
+
+    python benchmarks/train_step.py [--quick] [--cases dense,moe8,moe64] [--batch 16]
+        [--seq 256] [--repeats 5] [--threads 2] [--activation-checkpointing] [--json PATH]
+    python benchmarks/train_step.py --profile moe64 --batch 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stacklab.interop.hf import hf_config, to_hf_state_dict
+from stacklab.model.transformer import Transformer, build_model
+from stacklab.recipe import ModelConfig, load_recipe
+from stacklab.train.pretrain import measure_peak_flops
+
+# case → (recipe, overrides, the issue's goal for ours/HF tokens/s)
+CASES: dict[str, tuple[str, list[str], float]] = {
+    "dense": ("tiny", [], 1.2),
+    "moe8": ("tiny-moe", [], 1.3),
+    "moe64": ("tiny-moe", ["model.moe.num_experts=64", "model.moe.top_k=8"], 1.6),
+    # The softmax router exports to Qwen3-MoE (no shared expert there). Its balance loss is
+    # computed over all layers' tokens at once (ours: per layer, summed), so the two cannot
+    # add the same loss: both train without one here (theirs: output_router_logits off).
+    "moe64-qwen": (
+        "tiny-moe",
+        [
+            "model.moe.num_experts=64",
+            "model.moe.top_k=8",
+            "model.moe.router=softmax",
+            "model.moe.num_shared_experts=0",
+            "model.moe.balance=aux_loss",
+            "model.moe.aux_loss_coef=0",
+            "model.moe.z_loss_coef=0",
+        ],
+        1.6,
+    ),
+}
+PROBE_ROWS = 2  # rows of the batch on which the transformers settings are compared
+LR = 1e-4  # small: the weights hardly move, so routing stays comparable across repeats
+
+
+def model_config(case: str) -> tuple[ModelConfig, int]:
+    recipe_name, overrides, _ = CASES[case]
+    recipe = load_recipe(recipe_name, overrides)
+    return recipe.model, recipe.tokenizer.vocab_size
+
+
+def build_ours(cfg: ModelConfig, vocab: int) -> Transformer:
+    torch.manual_seed(0)
+    return build_model(cfg, vocab).train()
+
+
+def build_hf(cfg: ModelConfig, vocab: int, ours: Transformer) -> nn.Module:
+    """The `transformers` model of our export, loaded the way a user would load it."""
+    import transformers
+    from safetensors.torch import save_file
+
+    arch, fields = hf_config(cfg, vocab)
+    tensors = to_hf_state_dict(cfg, {k: v.detach() for k, v in ours.state_dict().items()})
+    config_class = {
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+        "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig,
+        "Glm4MoeForCausalLM": transformers.Glm4MoeConfig,
+    }[arch]
+    config = config_class(**fields, dtype=torch.float32)
+    config.architectures = [arch]
+    if arch == "Qwen3MoeForCausalLM":
+        config.output_router_logits = False  # see CASES["moe64-qwen"]
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    return model.train()
+
+
+def batch(vocab: int, rows: int, seq: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (rows, seq + 1), generator=gen)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def ours_loss(
+    model: Transformer, x: Tensor, y: Tensor, logits: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """How our training loop calls the model: loss only (the head fused with the loss)."""
+    out = model(x, y, return_logits=logits)
+    return out.loss + out.aux_loss, out.logits
+
+
+def hf_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    # `shift_labels`: our targets are already shifted, so both sides score the same positions.
+    out = model(input_ids=x, labels=y, shift_labels=y, use_cache=False)
+    return out.loss, out.logits
+
+
+def make_step(
+    model: nn.Module, loss_fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, y: Tensor
+) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    moe_layers = model.moe_layers() if isinstance(model, Transformer) else []
+
+    def step() -> None:
+        loss, _ = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for moe in moe_layers:  # part of our training step (aux_free bias, load counts)
+            moe.update_bias()
+
+    return step
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_settings(moe: bool, quick: bool) -> list[tuple[str, str | None]]:
+    """The settings to try; --quick (a smoke test) tries only the one usually fastest on CPU."""
+    if quick:
+        return [("sdpa", "grouped_mm" if moe else None)]
+    attn = ["sdpa", "eager"]
+    experts: list[str | None] = ["grouped_mm", "batched_mm", "eager"] if moe else [None]
+    return [(a, e) for a in attn for e in experts]
+
+
+def apply_setting(model: nn.Module, attn: str, experts: str | None) -> None:
+    model.set_attn_implementation(attn)
+    if experts is not None:
+        model.set_experts_implementation(experts)
+
+
+def pick_hf_setting(
+    ours: Transformer, hf: nn.Module, x: Tensor, y: Tensor, moe: bool, quick: bool
+) -> tuple[tuple[str, str | None], dict[str, Any]]:
+    """The fastest `transformers` setting whose logits and loss match ours.
+
+    Checked and timed on the first PROBE_ROWS rows of the batch: some settings are very slow
+    on CPU (batched_mm experts: about 20x grouped_mm), and the ranking is what matters.
+    """
+    x, y = x[:PROBE_ROWS], y[:PROBE_ROWS]
+    with torch.no_grad():
+        our_loss, our_logits = ours_loss(ours, x, y, logits=True)
+    results: dict[str, Any] = {}
+    best: tuple[float, tuple[str, str | None]] | None = None
+    for attn, experts in hf_settings(moe, quick):
+        name = f"attn={attn}" + (f",experts={experts}" if experts else "")
+        try:
+            apply_setting(hf, attn, experts)
+            with torch.no_grad():
+                loss, logits = hf_loss(hf, x, y)
+        except Exception as exc:  # a setting this device or version lacks
+            results[name] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+            continue
+        diff = (logits - our_logits).abs().max().item()
+        loss_diff = abs(loss.item() - our_loss.item())
+        if diff > 1e-3 or loss_diff > 1e-4:
+            results[name] = f"wrong: max logit diff {diff:.2e}, loss diff {loss_diff:.2e}"
+            continue
+
+        # Time forward+backward only (no optimizer: it must not move the shared weights).
+        def fwd_bwd() -> None:
+            hf_loss(hf, x, y)[0].backward()
+            hf.zero_grad(set_to_none=True)
+
+        seconds = min(timed(fwd_bwd) for _ in range(1 if quick else 2))
+        results[name] = {"fwd_bwd_s": round(seconds, 4), "max_logit_diff": diff}
+        if best is None or seconds < best[0]:
+            best = (seconds, (attn, experts))
+    if best is None:
+        raise SystemExit(f"no transformers setting matches our model: {results}")
+    return best[1], results
+
+
+def profile_step(case: str, rows: int, seq: int, limit: int = 30) -> None:
+    """Print where one training step of our model spends its time (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, vocab = model_config(case)
+    ours = build_ours(cfg, vocab)
+    x, y = batch(vocab, rows, seq)
+    step = make_step(ours, ours_loss, x, y)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=limit))
+
+
+def memory_probe(case: str, side: str, rows: int, seq: int, checkpointing: bool) -> dict[str, Any]:
+    """Run in a fresh process: peak RSS increase of one training step after a warm-up step."""
+    cfg, vocab = model_config(case)
+    ours = build_ours(cfg, vocab)
+    x, y = batch(vocab, rows, seq)
+    if side == "ours":
+        ours.set_activation_checkpointing(checkpointing)
+        step = make_step(ours, ours_loss, x, y)
+    else:
+        hf = build_hf(cfg, vocab, ours)
+        del ours
+        attn, experts = os.environ["TRAIN_STEP_HF_SETTING"].split(",")
+        apply_setting(hf, attn, None if experts == "-" else experts)
+        step = make_step(hf, hf_loss, x, y)
+    step()  # warm-up: optimizer state, lazy initialisation
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+    step()
+    peak = _status_kib("VmHWM")
+    return {"rss_before_mib": before / 1024, "step_peak_mib": (peak - before) / 1024}
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure_memory(
+    case: str, side: str, args: argparse.Namespace, hf_setting: str, checkpointing: bool = False
+) -> dict[str, Any] | None:
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = os.environ | {
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": str(args.threads),
+        "TRAIN_STEP_HF_SETTING": hf_setting,
+    }
+    cmd = [sys.executable, __file__, "--memory-probe", f"{case}:{side}:{int(checkpointing)}"]
+    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"memory probe {case}/{side} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    cfg, vocab = model_config(case)
+    goal = CASES[case][2]
+    ours = build_ours(cfg, vocab)
+    hf = build_hf(cfg, vocab, ours)
+    x, y = batch(vocab, args.batch, args.seq)
+    moe = cfg.moe.enabled
+    (attn, experts), tried = pick_hf_setting(ours, hf, x, y, moe, args.quick)
+    apply_setting(hf, attn, experts)
+    setting = f"{attn},{experts or '-'}"
+
+    sides: dict[str, Callable[[], None]] = {
+        "ours": make_step(ours, ours_loss, x, y),
+        "hf": make_step(hf, hf_loss, x, y),
+    }
+    if args.activation_checkpointing:
+        ours_ac = build_ours(cfg, vocab)
+        ours_ac.set_activation_checkpointing(True)
+        sides["ours+ac"] = make_step(ours_ac, ours_loss, x, y)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.repeats + 1):  # the first round warms up every side
+        for name, step in sides.items():
+            times[name].append(timed(step))
+    tokens = args.batch * args.seq
+    flops = ours.flops_per_token(args.seq)
+    result: dict[str, Any] = {
+        "case": case,
+        "recipe": CASES[case][0],
+        "overrides": CASES[case][1],
+        "hf_class": type(hf).__name__,
+        "hf_setting": {"attn_implementation": attn, "experts_implementation": experts},
+        "hf_settings_tried": tried,
+        "params": ours.num_params(),
+        "active_params": ours.num_params(active=True),
+        "flops_per_token": flops,
+        "goal": goal,
+    }
+    for name, ts in times.items():
+        median = statistics.median(ts[1:])
+        result[name] = {
+            "step_s": median,
+            "tokens_per_s": tokens / median,
+            "mfu": flops * tokens / median / peak,
+        }
+    result["ratio"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    if args.memory:
+        for name in sides:
+            side, ac = ("ours", True) if name == "ours+ac" else (name, False)
+            result[name]["memory"] = measure_memory(case, side, args, setting, ac)
+    return result
+
+
+def print_table(results: list[dict[str, Any]], peak: float) -> None:
+    print(f"float32 matmul peak (1024², best of start/end): {peak / 1e9:.1f} GFLOP/s")
+    head = f"{'case':<11} {'side':<8} {'step ms':>8} {'tok/s':>8} {'MFU':>6} {'step MiB':>9}"
+    print(head + f" {'ratio':>7} {'goal':>6}")
+    for r in results:
+        for side in ("ours", "ours+ac", "hf"):
+            if side not in r:
+                continue
+            s = r[side]
+            mem = s.get("memory")
+            mib = f"{mem['step_peak_mib']:>9.0f}" if mem else f"{'-':>9}"
+            line = (
+                f"{r['case']:<11} {side:<8} {s['step_s'] * 1e3:>8.0f} "
+                f"{s['tokens_per_s']:>8.0f} {s['mfu']:>6.1%} {mib}"
+            )
+            if side == "ours":
+                line += f" {r['ratio']:>6.2f}x {'>=' + format(r['goal'], '.1f') + 'x':>6}"
+            print(line)
+        mem_o, mem_h = r["ours"].get("memory"), r["hf"].get("memory")
+        mem_ratio = ""
+        if mem_o and mem_h:
+            mem_ratio = (
+                f", step memory ours/hf {mem_o['step_peak_mib'] / mem_h['step_peak_mib']:.2f}x"
+                " (goal <= 1x)"
+            )
+        setting = r["hf_setting"]
+        print(f"  hf: {r['hf_class']} {setting}{mem_ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="dense,moe8,moe64", help=f"of {', '.join(CASES)}")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 2 x 128, 2 repeats, no memory, HF sdpa/grouped_mm only",
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="also time (and measure memory of) our model with activation checkpointing",
+    )
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument(
+        "--profile",
+        metavar="CASE",
+        help="instead of timing: torch.profiler table of one step of our model on CASE",
+    )
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        case, side, ac = args.memory_probe.split(":")
+        print(json.dumps(memory_probe(case, side, args.batch, args.seq, ac == "1")))
+        return
+    if args.profile:
+        profile_step(args.profile, args.batch, args.seq)
+        return
+    if args.quick:
+        args.batch, args.seq, args.repeats, args.memory = 2, 128, 2, False
+    import transformers
+
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, float32, batch {args.batch} x {args.seq} tokens, "
+        f"AdamW both sides, median of {args.repeats}"
+    )
+    peak = measure_peak_flops(torch.device("cpu"))
+    results = [run_case(case, args, peak) for case in args.cases.split(",")]
+    peak = max(peak, measure_peak_flops(torch.device("cpu")))
+    for r in results:  # MFU against the better peak
+        for side in ("ours", "ours+ac", "hf"):
+            if side in r:
+                r[side]["mfu"] = r["flops_per_token"] * r[side]["tokens_per_s"] / peak
+    print_table(results, peak)
+    if args.json:
+        table = table_rows(results)
+        args.json.write_text(
+            json.dumps({"peak_flops": peak, "results": results, "table": table}, indent=2)
+        )
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for `stacklab bench` (see src/stacklab/bench.py)."""
+    rows = []
+    for r in results:
+        o, h = r["ours"], r["hf"]
+        peer = f"transformers {r['hf_class']} ({r['hf_setting']['attn_implementation']}"
+        peer += f", experts {e})" if (e := r["hf_setting"]["experts_implementation"]) else ")"
+        rows.append(
+            {
+                "benchmark": "train_step",
+                "case": f"{r['case']} tokens/s",
+                "unit": "tokens/s",
+                "ours": o["tokens_per_s"],
+                "peer": h["tokens_per_s"],
+                "peer_name": peer,
+                "ratio": r["ratio"],
+                "goal": f">= {r['goal']}x",
+                "met": r["ratio"] >= r["goal"],
+                "note": f"MFU ours {o['mfu']:.1%}, peer {h['mfu']:.1%}",
+            }
+        )
+        if o.get("memory") and h.get("memory"):
+            mo, mh = o["memory"]["step_peak_mib"], h["memory"]["step_peak_mib"]
+            rows.append(
+                {
+                    "benchmark": "train_step",
+                    "case": f"{r['case']} step peak memory",
+                    "unit": "MiB",
+                    "ours": mo,
+                    "peer": mh,
+                    "peer_name": peer,
+                    "ratio": mo / mh,
+                    "goal": "<= 1x",
+                    "met": mo <= mh,
+                    "note": "peak RSS increase of one step, fresh process per side",
+                }
+            )
+        if "ours+ac" in r:
+            a = r["ours+ac"]
+            mem = a.get("memory")
+            rows.append(
+                {
+                    "benchmark": "train_step",
+                    "case": f"{r['case']} activation checkpointing",
+                    "unit": "tokens/s",
+                    "ours": a["tokens_per_s"],
+                    "peer": o["tokens_per_s"],
+                    "peer_name": "ours without checkpointing",
+                    "ratio": a["tokens_per_s"] / o["tokens_per_s"],
+                    "goal": "record",
+                    "met": None,
+                    "note": f"step peak {mem['step_peak_mib']:.0f} MiB" if mem else "",
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

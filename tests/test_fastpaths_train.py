@@ -1,0 +1,133 @@
+"""Training fast paths against the plain path: same loss, same gradients (float tolerance).
+
+Fast paths: one matmul for the attention projections (`fused_linear`), the output head fused
+with the cross-entropy (`linear_cross_entropy`, `return_logits=False`), and activation
+checkpointing (bit-identical gradients, MoE load counts not counted twice).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stacklab.model import layers
+from stacklab.model.layers import fused_linear, linear_cross_entropy
+from stacklab.model.transformer import build_model
+from stacklab.recipe import ModelConfig, PretrainConfig, load_recipe
+from stacklab.train.pretrain import pretrain_config
+
+VOCAB = 97
+SMALL = {"depth": 2, "d_model": 32, "head_dim": 8, "n_heads": 4, "n_kv_heads": 2}
+CONFIGS = {
+    "dense": ModelConfig(**SMALL),
+    "moe_aux_loss": ModelConfig(
+        **SMALL, moe={"enabled": True, "num_experts": 4, "top_k": 2, "first_k_dense": 1}
+    ),
+    "moe_sigmoid_shared": ModelConfig(
+        **SMALL,
+        tie_embeddings=False,
+        moe={
+            "enabled": True,
+            "num_experts": 8,
+            "top_k": 3,
+            "router": "sigmoid",
+            "num_shared_experts": 1,
+            "balance": "aux_free",
+        },
+    ),
+}
+
+
+def _batch(rows: int = 3, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (rows, seq + 1), generator=gen)
+    targets = ids[:, 1:].clone()
+    targets[0, :4] = -100  # ignored positions (e.g. padding) must not count
+    return ids[:, :-1], targets
+
+
+def _loss_and_grads(
+    name: str, fast: bool, return_logits: bool = True, checkpointing: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[name], VOCAB).train()
+    model.set_activation_checkpointing(checkpointing)
+    x, y = _batch()
+    before = layers.FAST_PATHS
+    layers.FAST_PATHS = fast
+    try:
+        out = model(x, y, return_logits=return_logits)
+        (out.loss + out.aux_loss).backward()
+    finally:
+        layers.FAST_PATHS = before
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    counts = [m.expert_counts.clone() for m in model.moe_layers()]
+    return out.loss.detach(), grads, counts
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_paths_give_the_plain_loss_and_gradients(name: str) -> None:
+    plain_loss, plain_grads, plain_counts = _loss_and_grads(name, fast=False)
+    fast_loss, fast_grads, fast_counts = _loss_and_grads(name, fast=True, return_logits=False)
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert sorted(fast_grads) == sorted(plain_grads)
+    for n in plain_grads:
+        torch.testing.assert_close(fast_grads[n], plain_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(torch.equal(a, b) for a, b in zip(fast_counts, plain_counts, strict=True))
+
+
+def test_loss_only_forward_returns_no_logits_and_the_same_loss_without_grad() -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS["dense"], VOCAB)
+    x, y = _batch()
+    out = model(x, y, return_logits=False)
+    assert out.logits is None
+    with torch.no_grad():  # no gradient wanted: the plain computation
+        torch.testing.assert_close(model(x, y, return_logits=False).loss, model(x, y).loss)
+    torch.testing.assert_close(out.loss.detach(), model(x, y).loss.detach())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_linear_cross_entropy_matches_for_any_chunk(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vocab = 13
+    monkeypatch.setattr(layers, "LOGITS_CHUNK_ELEMENTS", chunk * vocab)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 6, generator=gen, requires_grad=True)
+    w = torch.randn(vocab, 6, generator=gen, requires_grad=True)
+    t = torch.randint(0, vocab, (11,), generator=gen)
+    t[[2, 7]] = -100
+    (2.5 * linear_cross_entropy(x, w, t)).backward()  # the upstream gradient is applied
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (2.5 * F.cross_entropy(F.linear(x, w), t, ignore_index=-100)).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_splits_like_separate_products() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=gen)
+    ws = [torch.randn(n, 8, generator=gen) for n in (8, 4, 4)]
+    for got, w in zip(fused_linear(x, *ws), ws, strict=True):
+        torch.testing.assert_close(got, F.linear(x, w))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_activation_checkpointing_gives_identical_gradients(name: str) -> None:
+    loss, grads, counts = _loss_and_grads(name, fast=True)
+    ac_loss, ac_grads, ac_counts = _loss_and_grads(name, fast=True, checkpointing=True)
+    assert torch.equal(ac_loss, loss)
+    assert sorted(ac_grads) == sorted(grads)
+    assert all(torch.equal(ac_grads[n], grads[n]) for n in grads)
+    # The backward replays each MoE forward; its tokens are counted once.
+    assert all(torch.equal(a, b) for a, b in zip(ac_counts, counts, strict=True))
+
+
+def test_activation_checkpointing_is_a_recipe_option_outside_the_stage_hash() -> None:
+    assert PretrainConfig().activation_checkpointing is False
+    recipe = load_recipe("tiny", ["pretrain.activation_checkpointing=true"])
+    assert recipe.pretrain.activation_checkpointing
+    assert pretrain_config(recipe) == pretrain_config(load_recipe("tiny"))
