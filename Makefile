@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install, run the demo integration round (about 13 minutes)
 #   make test   create .venv, install, run the test suite
-#   make bench  the CPU benchmark suite (about 10 minutes), one table
+#   make bench  the CPU benchmark suite (about 8 minutes), one table
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="run the CPU benchmark suite and print one table (about 10 minutes)",
+        help="run the CPU benchmark suite and print one table (about 8 minutes)",
         description="Run the scripts in benchmarks/ one after another (training step and MoE "
         "layer vs transformers and a per-expert loop, rollout sampling vs transformers "
         "generate, one RL step, the integration engine vs other searches) and print every "
