@@ -39,6 +39,7 @@ from stacklab.interop.hf import hf_config, to_hf_state_dict
 from stacklab.model.generation import generate
 from stacklab.model.transformer import Transformer, build_model
 from stacklab.recipe import load_recipe
+from stacklab.train.pretrain import measure_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,23 +148,6 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak(
-    seconds: float = 1.0, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> float:
-    """Measured matmul GFLOP/s (1024³ on CPU, 8192³ on a GPU) for the MFU line."""
-    size = 1024 if device == "cpu" else 8192
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    _sync()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-        _sync()
-    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
-
-
 def same_logits(ours: Transformer, theirs: Any, prompts: list[list[int]]) -> float:
     """Largest |logit difference| of one forward pass on the prompts (no padding)."""
     device = next(ours.parameters()).device
@@ -270,7 +254,7 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: tokens / v for k, v in med.items()}
-    peak = matmul_peak(device=args.device, dtype=dtype)
+    peak = measure_peak_flops(torch.device(args.device)) / 1e9  # as pretraining measures it
     # Decoding FLOPs per new token: 2·N (active matmul weights, the head included) plus
     # attention over the context (4·L·H·hd·ctx), ctx ≈ mean prompt + half the new tokens.
     ctx = sum(len(p) for p in prompts) / len(prompts) + args.new_tokens / 2

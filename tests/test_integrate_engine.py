@@ -397,6 +397,16 @@ class _Balance(HTMLParser):
             self.stack.pop()
 
 
+REPORT_SECTIONS = (  # the report's <h2> sections, in order
+    "Decisions",
+    "Effects, with 95% intervals",
+    "Interactions",
+    "Pareto front",
+    "Credit",
+    "Batches and runs",
+)
+
+
 def test_html_report_is_self_contained_and_balanced(tmp_path: Path) -> None:
     """Render a report from a real (tiny) round through the engine."""
     from rich.console import Console
@@ -410,14 +420,7 @@ def test_html_report_is_self_contained_and_balanced(tmp_path: Path) -> None:
     checker = _Balance()
     checker.feed(page)
     assert checker.errors == [] and checker.stack == []
-    for section in (
-        "Decisions",
-        "Effects, with 95% intervals",
-        "Interactions",
-        "Pareto front",
-        "Credit",
-        "Batches and runs",
-    ):
+    for section in REPORT_SECTIONS:
         assert f"<h2>{section}</h2>" in page
     assert page.count("<svg") == 3  # effects, interactions, credit (one metric: no Pareto plot)
     assert "author-of-alpha" in page and "optim.lr" in page  # credit table; a recipe diff

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from integrate_sim.scenarios import Scenario, write_round
 from stacklab.integrate.engine import RoundResult, integrate
+from test_integrate_engine import REPORT_SECTIONS
 
 CHROMIUM = os.environ.get("STACKLAB_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("STACKLAB_REQUIRE_BROWSER") == "1"
@@ -43,14 +44,7 @@ ARGS = [
 ]
 WIDTH = 1200
 GOOD, BAD = (0x1A, 0x7F, 0x37), (0xCF, 0x22, 0x2E)  # report.py's colours for good and bad
-SECTIONS = [
-    "Decisions",
-    "Effects, with 95% intervals",
-    "Interactions",
-    "Pareto front",
-    "Credit",
-    "Batches and runs",
-]
+SECTIONS = list(REPORT_SECTIONS)
 
 
 def _unavailable(reason: str) -> None:
