@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from stacklab.data.chat import render_chat
@@ -13,13 +14,21 @@ from stacklab.data.tokenizer import train_tokenizer
 from stacklab.envs.suite import demonstrations
 from stacklab.errors import DataError, StacklabError
 from stacklab.model.transformer import build_model
-from stacklab.recipe import ArithmeticTask, ModelConfig, Recipe, TokenizerConfig
+from stacklab.recipe import (
+    ArithmeticTask,
+    ModelConfig,
+    Recipe,
+    SFTConfig,
+    SFTPhase,
+    TokenizerConfig,
+)
 from stacklab.train import sft as sft_module
 from stacklab.train.checkpoint import latest_checkpoint, save_model
 from stacklab.train.pretrain import read_metrics
 from stacklab.train.schedule import lr_factor
 from stacklab.train.sft import (
     SFT_STAGE,
+    Schedule,
     batch_indices,
     sft,
     sft_conversations,
@@ -355,3 +364,96 @@ def test_fingerprint_of_a_missing_file_names_sft_data(tmp_path) -> None:
     recipe = tiny_recipe(data=[tmp_path / "nope.jsonl"])
     with pytest.raises(DataError, match=r"sft\.data.*nope\.jsonl"):
         sft_fingerprint(recipe)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phased(tmp_path: Path, **fields: object) -> Recipe:
+    """12 task chats and the 2 user chats; 2 steps on both sources, then 4 on the file."""
+    path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
+    return tiny_recipe(
+        data=[path],
+        phases=[SFTPhase(steps=2), SFTPhase(steps=4, sources=["data"])],
+        **fields,
+    )
+
+
+def test_phases_draw_only_from_their_sources(tok, tmp_path) -> None:
+    schedule = Schedule(phased(tmp_path), tok)
+    tasks_only = pack_sft(tok, task_conversations([TASK], 12, seed=5), 32, seed=5)
+    n_task_rows = tasks_only.inputs.shape[0]
+    # Each source is packed on its own: the task rows, then the user file's 2 rows.
+    assert torch.equal(schedule.rows.inputs[:n_task_rows], tasks_only.inputs)
+    assert schedule.rows.inputs.shape[0] == n_task_rows + 2
+    assert schedule.rows.conversations == 14
+    first = torch.cat([schedule.batch(s, 2, seed=5) for s in range(2)]).tolist()
+    later = torch.cat([schedule.batch(s, 2, seed=5) for s in range(2, 6)]).tolist()
+    # Phase 2 is the batch order of 2 rows from its own step 0: each row twice per 2 steps.
+    assert sorted(later) == [n_task_rows] * 4 + [n_task_rows + 1] * 4
+    assert later[:2] == (n_task_rows + batch_indices(2, 2, 0, seed=5)).tolist()
+    assert all(0 <= i < n_task_rows + 2 for i in first)
+    with pytest.raises(ValueError, match="past the schedule's 6 steps"):
+        schedule.batch(6, 2, seed=5)
+
+
+def test_no_phases_keeps_one_packing_of_all_sources(tok, tmp_path) -> None:
+    path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
+    recipe = tiny_recipe(data=[path])
+    schedule = Schedule(recipe, tok)
+    joint = pack_sft(tok, sft_conversations(recipe), 32, seed=5)
+    assert torch.equal(schedule.rows.inputs, joint.inputs)
+    for s in range(6):
+        n = joint.inputs.shape[0]
+        assert torch.equal(schedule.batch(s, 2, seed=5), batch_indices(n, 2, s, seed=5))
+
+
+def test_phased_sft_trains_and_resumes_bit_exactly(tok, base, tmp_path, monkeypatch) -> None:
+    recipe = phased(tmp_path)
+    clean = sft(recipe, tok, base, tmp_path / "clean")
+    assert clean["sft/steps"] == 6 and clean["sft/conversations"] == 14
+    real_save = sft_module.save_fine_tuning
+
+    def save_then_crash(root, step, *args, **kwargs):
+        real_save(root, step, *args, **kwargs)
+        if step == 2:  # the end of phase 1
+            raise Crash
+
+    monkeypatch.setattr(sft_module, "save_fine_tuning", save_then_crash)
+    with pytest.raises(Crash):
+        sft(recipe, tok, base, tmp_path / "crashed")
+    monkeypatch.undo()
+    sft(recipe, tok, base, tmp_path / "crashed")
+    assert log(tmp_path / "crashed") == log(tmp_path / "clean")
+    a, b = final_weights(tmp_path / "clean"), final_weights(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phases_change_the_stage_key(tmp_path) -> None:
+    assert SFT_STAGE.config(phased(tmp_path)) != SFT_STAGE.config(
+        tiny_recipe(data=[tmp_path / "chats.jsonl"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("phases", "agent_envs", "message"),
+    [
+        ([{"steps": 2}, {"steps": 3}], [], r"add up to 5, but sft\.steps is 6"),
+        ([{"steps": 6, "sources": ["lookup"]}], ["calculator"], r"'lookup' has no demonstr"),
+        ([{"steps": 6, "sources": ["math"]}], [], r"tasks.*calculator.*lookup.*data"),
+        ([{"steps": 6, "sources": []}], [], r"at least 1 item"),
+        ([{"steps": 0}, {"steps": 6}], [], r"greater than or equal to 1"),
+    ],
+)
+def test_bad_phases_are_refused_with_the_reason(phases, agent_envs, message) -> None:
+    fields = {"enabled": True, "steps": 6, "agent_envs": agent_envs, "phases": phases}
+    with pytest.raises(ValidationError, match=message):
+        SFTConfig.model_validate(fields)
+    if "steps is" in message:  # a disabled stage's fields are not read, nor checked
+        SFTConfig.model_validate({**fields, "enabled": False})
+
+
+def test_a_phase_on_a_source_without_data_is_refused(tok, tmp_path) -> None:
+    recipe = tiny_recipe(phases=[SFTPhase(steps=6, sources=["data"])])
+    with pytest.raises(StacklabError, match=r"phases\[0\]\.sources: no conversations from data"):
+        Schedule(recipe, tok)

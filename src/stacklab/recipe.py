@@ -391,6 +391,18 @@ class PretrainConfig(Section):
 
 AgentEnvName = Literal["calculator", "lookup"]
 RLEnvName = Literal["tasks", "calculator", "lookup"]
+SFTSourceName = Literal["tasks", "calculator", "lookup", "data"]
+
+
+class SFTPhase(Section):
+    """A span of SFT steps that trains on some of the data sources only (a curriculum).
+
+    Sources: `tasks` (the data.tasks chats), an agent env of `sft.agent_envs` (its
+    demonstrations), `data` (the user files). Omitted: every source.
+    """
+
+    steps: int = Field(ge=1)
+    sources: list[SFTSourceName] | None = Field(None, min_length=1)
 
 
 class SFTConfig(Section):
@@ -416,8 +428,31 @@ class SFTConfig(Section):
     )
     agent_examples: int = Field(1000, ge=0, description="demonstrations per agent env")
     data: list[Path] = Field(default_factory=list, description="user JSONL conversation files")
+    phases: list[SFTPhase] = Field(
+        default_factory=list,
+        description="in order, steps adding up to sft.steps, each on some sources only; "
+        "empty: every step on every source",
+    )
     ckpt_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> SFTConfig:
+        if not self.phases or not self.enabled:  # a disabled stage reads none of its fields
+            return self
+        total = sum(p.steps for p in self.phases)
+        if total != self.steps:
+            raise ValueError(
+                f"sft.phases: the phases' steps add up to {total}, but sft.steps is {self.steps}"
+            )
+        for i, phase in enumerate(self.phases):
+            for name in phase.sources or []:
+                if name in ("calculator", "lookup") and name not in self.agent_envs:
+                    raise ValueError(
+                        f"sft.phases[{i}].sources: {name!r} has no demonstrations (add it to "
+                        f"sft.agent_envs {self.agent_envs})"
+                    )
+        return self
 
 
 class RLConfig(Section):

@@ -31,7 +31,7 @@ from stacklab.data.sources import file_fingerprint
 from stacklab.data.tokenizer import load_tokenizer
 from stacklab.envs.base import Message
 from stacklab.envs.suite import demonstrations
-from stacklab.errors import StacklabError
+from stacklab.errors import DataError, StacklabError
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.progress import progress_bar
 from stacklab.recipe import OptimConfig, Recipe, SFTConfig
@@ -50,22 +50,81 @@ from stacklab.train.pretrain import (
     read_metrics,
 )
 from stacklab.train.schedule import build_scheduler
-from stacklab.train.sft_data import SFTRows, load_conversations, pack_sft, task_conversations
+from stacklab.train.sft_data import concat_rows, load_conversations, pack_sft, task_conversations
+
+
+def sft_sources(recipe: Recipe) -> dict[str, list[list[Message]]]:
+    """The SFT conversations by source, in order: `tasks`, each agent env, `data`; a source
+    with no conversation is left out."""
+    cfg = recipe.sft
+    sources = {"tasks": task_conversations(recipe.data.tasks, cfg.task_examples, recipe.seed)}
+    for name in cfg.agent_envs:
+        sources[name] = demonstrations(name, cfg.agent_examples, recipe.seed)
+    sources["data"] = [c for path in cfg.data for c in load_conversations(path)]
+    return {name: convs for name, convs in sources.items() if convs}
 
 
 def sft_conversations(recipe: Recipe) -> list[list[Message]]:
     """Every SFT conversation of the recipe: tasks, tool demonstrations, user files."""
-    cfg = recipe.sft
-    conversations = task_conversations(recipe.data.tasks, cfg.task_examples, recipe.seed)
-    for name in cfg.agent_envs:
-        conversations += demonstrations(name, cfg.agent_examples, recipe.seed)
-    for path in cfg.data:
-        conversations += load_conversations(path)
+    conversations = [c for convs in sft_sources(recipe).values() for c in convs]
     if not conversations:
         raise StacklabError(
             "sft: no training data (sft.task_examples is 0, sft.agent_envs and sft.data empty)"
         )
     return conversations
+
+
+class Schedule:
+    """Which packed rows each SFT step draws from: one span of steps per phase.
+
+    Without phases every source is packed together and every step draws from all rows. With
+    phases each source is packed on its own, so a phase can draw from its sources' rows only.
+    Batch `s` of a phase that starts at step `p0` is `batch_indices` of step `s - p0` over
+    that phase's rows: still a pure function of the seed and the step.
+    """
+
+    def __init__(self, recipe: Recipe, tokenizer: Tokenizer) -> None:
+        cfg = recipe.sft
+        sources = sft_sources(recipe)
+        if not sources:
+            sft_conversations(recipe)  # raises the no-data error
+        if not cfg.phases:
+            self.rows = pack_sft(
+                tokenizer,
+                [c for convs in sources.values() for c in convs],
+                cfg.seq_len,
+                recipe.seed,
+            )
+            self.spans = [(0, cfg.steps, torch.arange(self.rows.inputs.shape[0]))]
+            return
+        parts, ranges, start = [], {}, 0
+        for name, convs in sources.items():
+            try:
+                parts.append(pack_sft(tokenizer, convs, cfg.seq_len, recipe.seed))
+            except DataError as exc:
+                raise DataError(f"sft source {name!r}: {exc}") from None
+            n = parts[-1].inputs.shape[0]
+            ranges[name] = torch.arange(start, start + n)
+            start += n
+        self.rows = concat_rows(parts)
+        self.spans, first = [], 0
+        for i, phase in enumerate(cfg.phases):
+            names = phase.sources or list(ranges)
+            missing = [n for n in names if n not in ranges]
+            if missing:
+                raise StacklabError(
+                    f"sft.phases[{i}].sources: no conversations from {', '.join(missing)} "
+                    f"(the recipe's sources with data: {', '.join(ranges)})"
+                )
+            self.spans.append((first, first + phase.steps, torch.cat([ranges[n] for n in names])))
+            first += phase.steps
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """Row indices of 0-based `step`."""
+        for first, end, rows in self.spans:
+            if first <= step < end:
+                return rows[batch_indices(len(rows), batch_size, step - first, seed)]
+        raise ValueError(f"step {step} is past the schedule's {self.spans[-1][1]} steps")
 
 
 def sft_optim(cfg: SFTConfig) -> OptimConfig:
@@ -103,12 +162,12 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
         raise StacklabError(
             f"sft.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model.cfg.max_seq_len})"
         )
-    rows = pack_sft(tokenizer, sft_conversations(recipe), cfg.seq_len, recipe.seed)
+    schedule = Schedule(recipe, tokenizer)
     with deterministic(True):
-        return _train(recipe, model, rows, work_dir)
+        return _train(recipe, model, schedule, work_dir)
 
 
-def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics:
+def _train(recipe: Recipe, model: Any, schedule: Schedule, work_dir: Path) -> Metrics:
     cfg = recipe.sft
     optim_cfg = sft_optim(cfg)
     torch.manual_seed(recipe.seed)
@@ -117,14 +176,14 @@ def _train(recipe: Recipe, model: Any, rows: SFTRows, work_dir: Path) -> Metrics
     ckpt_root = work_dir / "checkpoints"
     step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
 
-    n_rows = rows.inputs.shape[0]
+    rows = schedule.rows
     model.train()
     start = time.perf_counter()
     trained_tokens = 0
     with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="sft") as log:
         task = bar.add_task("sft", total=cfg.steps, completed=step)
         while step < cfg.steps:
-            idx = batch_indices(n_rows, cfg.batch_size, step, recipe.seed)
+            idx = schedule.batch(step, cfg.batch_size, recipe.seed)
             step += 1
             inputs, targets = rows.inputs[idx], rows.targets[idx]
             out = model(inputs, targets)

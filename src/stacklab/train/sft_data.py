@@ -154,6 +154,17 @@ def pack_sft(
     )
 
 
+def concat_rows(parts: list[SFTRows]) -> SFTRows:
+    """The rows of `parts` one after another (their counts added up)."""
+    return SFTRows(
+        inputs=torch.cat([p.inputs for p in parts]),
+        targets=torch.cat([p.targets for p in parts]),
+        conversations=sum(p.conversations for p in parts),
+        dropped_too_long=sum(p.dropped_too_long for p in parts),
+        dropped_untrained=sum(p.dropped_untrained for p in parts),
+    )
+
+
 def sft_loss(model: Transformer, inputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over the assistant's target tokens: the model's own loss, which
     skips -100 targets (the MoE `aux_loss` is the trainer's to add)."""
