@@ -8,8 +8,9 @@ The data (`sft_conversations`) is three kinds of conversation, all in the chat f
   against the real tools, so every tool response in them is genuine;
 * the user's own JSONL files of `{"messages": [...]}` records (`sft.data`).
 
-They are packed into rows by `pack_sft`, whose targets are -100 everywhere but on assistant
-tokens: the loss never trains on prompts, system text or tool responses.
+`sft.phases` can split the steps into spans that each train on some of these sources only
+(`Schedule`). They are packed into rows by `pack_sft`, whose targets are -100 everywhere but
+on assistant tokens: the loss never trains on prompts, system text or tool responses.
 
 Training is AdamW with warmup and cosine decay. Batch `s` is a pure function of the seed and
 the step (a seeded permutation of the rows per epoch), so a checkpoint needs only the weights,
@@ -64,13 +65,14 @@ def sft_sources(recipe: Recipe) -> dict[str, list[list[Message]]]:
     return {name: convs for name, convs in sources.items() if convs}
 
 
+_NO_DATA = "sft: no training data (sft.task_examples is 0, sft.agent_envs and sft.data empty)"
+
+
 def sft_conversations(recipe: Recipe) -> list[list[Message]]:
     """Every SFT conversation of the recipe: tasks, tool demonstrations, user files."""
     conversations = [c for convs in sft_sources(recipe).values() for c in convs]
     if not conversations:
-        raise StacklabError(
-            "sft: no training data (sft.task_examples is 0, sft.agent_envs and sft.data empty)"
-        )
+        raise StacklabError(_NO_DATA)
     return conversations
 
 
@@ -87,7 +89,7 @@ class Schedule:
         cfg = recipe.sft
         sources = sft_sources(recipe)
         if not sources:
-            sft_conversations(recipe)  # raises the no-data error
+            raise StacklabError(_NO_DATA)
         if not cfg.phases:
             self.rows = pack_sft(
                 tokenizer,
