@@ -89,9 +89,28 @@ def right(question: str) -> str:
 
 
 def test_share_splits_evenly_larger_first() -> None:
-    assert share(7, 3) == [3, 2, 2]
-    assert share(2, 3) == [1, 1, 0]
-    assert sum(share(16, 5)) == 16
+    assert share(7, [1, 1, 1]) == [3, 2, 2]
+    assert share(2, [1, 1, 1]) == [1, 1, 0]
+    assert share(16, [1.0] * 5) == [4, 3, 3, 3, 3]
+
+
+def test_share_follows_the_weights_by_largest_remainder() -> None:
+    assert share(32, [3, 1]) == [24, 8]
+    assert share(10, [2, 1]) == [7, 3]  # quotas 6.67, 3.33
+    assert share(5, [1, 1, 2]) == [1, 1, 3]  # quotas 1.25, 1.25, 2.5
+    assert share(3, [0.1, 10]) == [0, 3]
+
+
+def test_env_weights_reach_the_sources_and_are_checked() -> None:
+    r = recipe(envs=["tasks", "calculator"], env_weights={"tasks": 3})
+    assert [(s.name, s.weight) for s in task_sources(r, pool=4)] == [
+        ("arithmetic", 3),
+        ("calculator", 1),
+    ]
+    with pytest.raises(ValueError, match="env_weights names 'lookup'"):
+        RLConfig(envs=["tasks"], env_weights={"lookup": 1.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        RLConfig(envs=["tasks"], env_weights={"tasks": 0.0})
 
 
 def test_loss_kwargs_follow_the_loss_and_recipe() -> None:

@@ -466,6 +466,11 @@ class RLConfig(Section):
     enabled: bool = False
     steps: int = Field(30, ge=1)
     envs: list[RLEnvName] = Field(default_factory=lambda: ["tasks"], min_length=1)
+    env_weights: dict[RLEnvName, float] = Field(
+        default_factory=dict,
+        description="relative share of each step's prompts per env of `envs` (unset: 1); "
+        "under `tasks`, each of data.tasks is a source of this weight",
+    )
     prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2)
     temperature: float = Field(1.0, gt=0)
@@ -498,6 +503,15 @@ class RLConfig(Section):
                 f"max_new_tokens ({self.max_new_tokens}) must be below token_budget "
                 f"({self.token_budget})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _weights_name_envs(self) -> RLConfig:
+        for name, weight in self.env_weights.items():
+            if name not in self.envs:
+                raise ValueError(f"env_weights names '{name}', which is not in rl.envs {self.envs}")
+            if not weight > 0:
+                raise ValueError(f"env_weights['{name}'] must be > 0, got {weight}")
         return self
 
 

@@ -2,9 +2,10 @@
 
 One step:
 
-1. **Sample.** `prompts_per_step` training tasks, shared round-robin among `rl.envs` (`tasks`:
-   the `data.tasks` generators, one turn; `calculator`, `lookup`: tool-using agents), each
-   played `group_size` times at `temperature` by `rollout`, env by env.
+1. **Sample.** `prompts_per_step` training tasks, shared among the sources of `rl.envs` in
+   proportion to `rl.env_weights` (evenly by default; `tasks`: each `data.tasks` generator is
+   a source, one turn; `calculator`, `lookup`: tool-using agents), each played `group_size`
+   times at `temperature` by `rollout`, env by env.
 2. **Score.** Each episode's reward comes from its environment (strict: 1 for the right answer
    in the fixed format, else 0), plus DAPO's soft overlong penalty when `overlong_buffer > 0`.
    With `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts
@@ -27,6 +28,7 @@ turns, tool calls, and where the time went (sampling vs update).
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -80,6 +82,7 @@ class TaskSource:
     name: str
     tasks: list[Any]
     new_env: Any  # () -> Environment
+    weight: float = 1.0  # relative share of each step's prompts
 
 
 def task_sources(recipe: Recipe, pool: int = POOL_SIZE) -> list[TaskSource]:
@@ -99,22 +102,31 @@ def task_sources(recipe: Recipe, pool: int = POOL_SIZE) -> list[TaskSource]:
                 def new_task_env(gen: Any = gen) -> Environment:
                     return TaskEnv(gen, "train")
 
-                sources.append(TaskSource(task_cfg.kind, problems, new_task_env))
+                sources.append(
+                    TaskSource(task_cfg.kind, problems, new_task_env, cfg.env_weights.get(name, 1))
+                )
         else:
             toolbox, tasks = agent_tasks(name, "train", pool, recipe.seed + 1)
 
             def new_tool_env(name: str = name, toolbox: Any = toolbox) -> Environment:
                 return make_env(name, toolbox, [], cfg.max_turns)
 
-            sources.append(TaskSource(name, tasks, new_tool_env))
+            sources.append(TaskSource(name, tasks, new_tool_env, cfg.env_weights.get(name, 1)))
     if not sources:
         raise StacklabError("rl.envs names 'tasks' but data.tasks is empty")
     return sources
 
 
-def share(total: int, parts: int) -> list[int]:
-    """`total` split into `parts` near-equal counts, the larger ones first."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
+def share(total: int, weights: list[float]) -> list[int]:
+    """`total` split in proportion to `weights` by largest remainders (ties: earlier first);
+    equal weights give near-equal counts, the larger ones first."""
+    whole = sum(weights)
+    quotas = [total * w / whole for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 # --------------------------------------------------------------------------- one batch
@@ -149,7 +161,7 @@ def collect(
     sampled = dropped = uninformative = 0
     max_len = min(cfg.max_turns * cfg.max_new_tokens, cfg.token_budget)
     for i, (source, n_prompts) in enumerate(
-        zip(sources, share(cfg.prompts_per_step, len(sources)), strict=True)
+        zip(sources, share(cfg.prompts_per_step, [s.weight for s in sources]), strict=True)
     ):
         if n_prompts == 0:
             continue
