@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from stacklab.integrate.contributions import choice_groups, load_contributions
+from stacklab.integrate.contributions import apply_subset, choice_groups, load_contributions
 from stacklab.integrate.round import load_round
 from stacklab.recipe import load_recipe
 
@@ -17,6 +17,17 @@ def test_catalog_loads_with_citations_and_one_choice_group() -> None:
     assert all(c.citation and c.author == "stacklab" for c in contribs)
     assert {c.area for c in contribs} >= {"data", "architecture", "optimizer", "rl", "agent"}
     assert choice_groups(contribs) == [["dapo-clip-higher", "gspo"]]
+
+
+def test_the_baseline_plus_the_techniques_tiny_uses_is_tiny() -> None:
+    """tiny-baseline takes out exactly the catalog techniques that `tiny` uses, no more."""
+    baseline = load_recipe("tiny-baseline")
+    contribs = load_contributions([CATALOG], baseline)
+    used = {"minhash-dedup", "muon", "qk-norm", "tool-use-sft", "dynamic-sampling"}
+    rebuilt = apply_subset(baseline, contribs, used).to_dict()
+    tiny = load_recipe("tiny").to_dict()
+    assert rebuilt.pop("name") == "tiny-baseline" and tiny.pop("name") == "tiny"
+    assert rebuilt == tiny
 
 
 def test_catalog_round_validates(tmp_path: Path) -> None:
