@@ -115,12 +115,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # 12 prompts a step, as the figures in docs/benchmarks.md were measured (the tiny recipe
-    # has since moved to 16); --prompts changes it.
-    overrides = [f"rl.prompts_per_step={args.prompts}"]
+    # The workload the figures in docs/benchmarks.md were measured on: 12 prompts a step,
+    # shared evenly, one rollout round (the tiny recipe has since moved to 24 weighted prompts
+    # with dynamic sampling); --prompts changes the count.
+    fixed = ["rl.env_weights={}", "rl.dynamic_sampling=false"]
+    overrides = [*fixed, f"rl.prompts_per_step={args.prompts}"]
     if args.quick:
         args.repeats = 1
-        overrides = ["rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16"]
+        overrides = [*fixed, "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16"]
     recipe = load_recipe(ROOT / "recipes" / f"{args.recipe}.yaml", overrides)
     cfg = recipe.rl
     tok = quick_tokenizer(recipe)
