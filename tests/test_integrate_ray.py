@@ -180,11 +180,13 @@ def test_stopping_the_coordinator_kills_running_trainers(tmp_path: Path) -> None
     start = time.monotonic()
     try:
         outcomes.close()  # what a KeyboardInterrupt in the coordinator does to the generator
-        assert wait_for(lambda: not alive(pid), 5), "the trainer outlived its cancelled task"
+        # The trainer would sleep 120 s: dying within 30 s can only be the cancellation, and
+        # the margin keeps the check honest on a loaded machine (Ray's kill waits its turn).
+        assert wait_for(lambda: not alive(pid), 30), "the trainer outlived its cancelled task"
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)  # when failing, do not leave it running either
-    assert time.monotonic() - start < 8
+    assert time.monotonic() - start < 40
     # The stopped run failed like any other, its logs kept; no temporary folder is left.
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["quick", "slow.failed", "trainer.pid"]
