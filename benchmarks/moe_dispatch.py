@@ -95,6 +95,7 @@ def main() -> None:
         f"{'ceiling':>8}"
     )
     rows: list[dict[str, Any]] = []
+    flops: list[float] = []  # each row's expert-matmul FLOPs
     for experts, top_k in grid:
         torch.manual_seed(0)
         cfg = MoEConfig(enabled=True, num_experts=experts, top_k=top_k)
@@ -110,7 +111,8 @@ def main() -> None:
             loop.append(time_fwd_bwd(functools.partial(loop_forward, moe), moe, x))
         o, lp = statistics.median(ours[1:]), statistics.median(loop[1:])
         goal = f">={GOAL:.0f}x" if experts >= GOAL_FROM_EXPERTS else "-"
-        floor = expert_matmul_flops(args.tokens, top_k, args.d_model, args.expert_hidden) / peak
+        flops.append(expert_matmul_flops(args.tokens, top_k, args.d_model, args.expert_hidden))
+        floor = flops[-1] / peak
         print(
             f"{experts:>7} {top_k:>5} {o * 1e3:>8.1f} {lp * 1e3:>8.1f} {lp / o:>7.2f}x {goal:>6} "
             f"{lp / floor:>7.2f}x"
@@ -126,24 +128,22 @@ def main() -> None:
                 "ratio": lp / o,
                 "goal": goal if experts >= GOAL_FROM_EXPERTS else "record",
                 "met": lp / o >= GOAL if experts >= GOAL_FROM_EXPERTS else None,
-                "note": f"N={args.tokens} D={args.d_model} F={args.expert_hidden}; "
-                f"ceiling {lp / floor:.2f}x (loop / expert matmuls at peak)",
-                "matmul_floor_ms": floor * 1e3,
-                "ceiling": lp / floor,
-                "_floor_s": floor,
             }
         )
-    # The peak again at the end (the machine may have been busier at the start): keep the
-    # better one, and recompute each row's floor and ceiling from it.
+    # The peak again at the end (the machine may have been busier at the start): each row's
+    # floor and ceiling in --json come from the better one.
     best = max(peak, measure_peak_flops(cpu))
     print(
         f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s at the start (the ceilings above), "
         f"{best / 1e9:.1f} the better of start and end (the ceilings in --json)"
     )
-    for row in rows:
-        floor = row.pop("_floor_s") * peak / best
-        row["matmul_floor_ms"], row["ceiling"] = floor * 1e3, row["peer"] / 1e3 / floor
-        row["note"] = row["note"].rsplit("; ", 1)[0] + f"; ceiling {row['ceiling']:.2f}x"
+    for row, row_flops in zip(rows, flops, strict=True):
+        floor_ms = row_flops / best * 1e3
+        row["matmul_floor_ms"], row["ceiling"] = floor_ms, row["peer"] / floor_ms
+        row["note"] = (
+            f"N={args.tokens} D={args.d_model} F={args.expert_hidden}; "
+            f"ceiling {row['ceiling']:.2f}x (loop / expert matmuls at peak)"
+        )
     if args.json:
         args.json.write_text(json.dumps({"table": rows}, indent=2))
 

@@ -180,8 +180,8 @@ def test_stopping_the_coordinator_kills_running_trainers(tmp_path: Path) -> None
     start = time.monotonic()
     try:
         outcomes.close()  # what a KeyboardInterrupt in the coordinator does to the generator
-        # The trainer would sleep 120 s: dying within 30 s can only be the cancellation, and
-        # the margin keeps the check honest on a loaded machine (Ray's kill waits its turn).
+        # The trainer would sleep 120 s: dying within 30 s can only be the cancellation; the
+        # margin is for a loaded machine.
         assert wait_for(lambda: not alive(pid), 30), "the trainer outlived its cancelled task"
     finally:
         with contextlib.suppress(OSError):
