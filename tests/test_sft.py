@@ -2,6 +2,7 @@
 reads, and the stage's cache key and fingerprint."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from stacklab.data.chat import render_chat
+from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import train_tokenizer
 from stacklab.envs.suite import demonstrations
 from stacklab.errors import DataError, StacklabError
@@ -35,7 +37,12 @@ from stacklab.train.sft import (
     sft_fingerprint,
     sft_optim,
 )
-from stacklab.train.sft_data import load_conversations, pack_sft, task_conversations
+from stacklab.train.sft_data import (
+    load_conversations,
+    pack_sft,
+    small_task_conversations,
+    task_conversations,
+)
 
 MAX_SEQ_LEN = 64
 TASK = ArithmeticTask(max_digits=1)
@@ -457,3 +464,70 @@ def test_a_phase_on_a_source_without_data_is_refused(tok, tmp_path) -> None:
     recipe = tiny_recipe(phases=[SFTPhase(steps=6, sources=["data"])])
     with pytest.raises(StacklabError, match=r"phases\[0\]\.sources: no conversations from data"):
         Schedule(recipe, tok)
+
+
+# --------------------------------------------------------------------------- small sums first
+
+TWO_DIGITS = ArithmeticTask(ops=["+", "-"], max_digits=2)
+
+
+def operands(conversation: list[dict]) -> list[str]:
+    return re.split(r"[+\-*]", conversation[0]["content"].rstrip("="))
+
+
+def test_small_task_conversations_keep_to_the_cap_and_the_train_split() -> None:
+    convs = small_task_conversations([TWO_DIGITS], 1, 400, seed=3)
+    assert len(convs) == 400
+    assert all(len(x) == 1 for c in convs for x in operands(c))
+    gen = make_generator(TWO_DIGITS)
+    heldout = {p.key for p in gen.problems("eval", 10, seed=0)}
+    keys = [c[0]["content"].rstrip("=") for c in convs]
+    assert not heldout & set(keys)
+    # One-digit problems are 200 in all: 400 draws repeat some, as they must.
+    assert len(set(keys)) < 400
+    assert convs == small_task_conversations([TWO_DIGITS], 1, 400, seed=3)
+    assert convs != small_task_conversations([TWO_DIGITS], 1, 400, seed=4)
+    # A task whose operands all have more digits than the cap gives nothing.
+    assert small_task_conversations([ArithmeticTask(min_digits=2, max_digits=3)], 1, 5, 0) == []
+
+
+def test_an_easy_phase_trains_on_small_sums_and_leaves_the_other_rows_alone(tok) -> None:
+    easy = tiny_recipe(
+        steps=6,
+        phases=[SFTPhase(steps=2, sources=["tasks"], task_max_digits=1), SFTPhase(steps=4)],
+    )
+    plain = tiny_recipe(steps=6, phases=[SFTPhase(steps=2), SFTPhase(steps=4)])
+    for recipe in (easy, plain):
+        recipe.data.tasks = [TWO_DIGITS]
+    schedule, reference = Schedule(easy, tok), Schedule(plain, tok)
+    n = reference.rows.inputs.shape[0]
+    # The full task pool is packed as before; the small sums are packed after it.
+    assert torch.equal(schedule.rows.inputs[:n], reference.rows.inputs)
+    assert schedule.rows.inputs.shape[0] > n
+    for step in range(2):
+        assert all(i >= n for i in schedule.batch(step, 2, seed=5).tolist())
+        text = tok.decode(schedule.rows.inputs[schedule.batch(step, 2, seed=5)[0]].tolist())
+        sums = re.findall(r"(\d+)[+-](\d+)=", text)
+        assert sums and all(len(a) == len(b) == 1 for a, b in sums)
+    for step in range(2, 6):  # the later phase draws from the full pool only
+        assert torch.equal(schedule.batch(step, 2, seed=5), reference.batch(step, 2, seed=5))
+    # Only a recipe that uses the option carries it in its stage key.
+    assert "task_max_digits" not in json.dumps(SFT_STAGE.config(plain))
+    assert SFT_STAGE.config(easy) != SFT_STAGE.config(plain)
+
+
+def test_an_easy_phase_without_tasks_or_small_problems_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"phases\[0\]\.task_max_digits: the phase has no"):
+        SFTConfig.model_validate(
+            {
+                "enabled": True,
+                "steps": 2,
+                "agent_envs": ["calculator"],
+                "phases": [{"steps": 2, "sources": ["calculator"], "task_max_digits": 1}],
+            }
+        )
+    sft_cfg = {"enabled": True, "steps": 2, "phases": [{"steps": 2, "task_max_digits": 1}]}
+    with pytest.raises(ValidationError, match=r"no data\.tasks problem has operands of at most 1"):
+        Recipe.model_validate(
+            {"data": {"tasks": [{"kind": "arithmetic", "min_digits": 2}]}, "sft": sft_cfg}
+        )

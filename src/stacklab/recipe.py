@@ -403,6 +403,12 @@ class SFTPhase(Section):
 
     steps: int = Field(ge=1)
     sources: list[SFTSourceName] | None = Field(None, min_length=1)
+    task_max_digits: int | None = Field(
+        None,
+        ge=1,
+        description="the `tasks` source in this phase: only problems whose operands have at "
+        "most this many digits (small sums before large ones), drawn with repetition",
+    )
 
 
 class SFTConfig(Section):
@@ -446,6 +452,11 @@ class SFTConfig(Section):
                 f"sft.phases: the phases' steps add up to {total}, but sft.steps is {self.steps}"
             )
         for i, phase in enumerate(self.phases):
+            if phase.task_max_digits is not None and "tasks" not in (phase.sources or ["tasks"]):
+                raise ValueError(
+                    f"sft.phases[{i}].task_max_digits: the phase has no `tasks` source "
+                    f"(its sources: {phase.sources})"
+                )
             for name in phase.sources or []:
                 if name in ("calculator", "lookup") and name not in self.agent_envs:
                     raise ValueError(
@@ -566,6 +577,20 @@ class Recipe(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _easy_phases_have_problems(self) -> Recipe:
+        if not self.sft.enabled:
+            return self
+        for i, phase in enumerate(self.sft.phases):
+            k = phase.task_max_digits
+            if k is not None and not any(t.min_digits <= k for t in self.data.tasks):
+                have = [f"{t.min_digits}-{t.max_digits}" for t in self.data.tasks] or "none"
+                raise ValueError(
+                    f"sft.phases[{i}].task_max_digits: no data.tasks problem has operands of "
+                    f"at most {k} digits (the tasks' digit ranges: {have})"
+                )
+        return self
 
     def section_hash(self, dotted: str) -> str:
         """Canonical hash of one section (or any sub-object), e.g. `"data.mixture"`."""

@@ -51,7 +51,13 @@ from stacklab.train.pretrain import (
     read_metrics,
 )
 from stacklab.train.schedule import build_scheduler
-from stacklab.train.sft_data import concat_rows, load_conversations, pack_sft, task_conversations
+from stacklab.train.sft_data import (
+    concat_rows,
+    load_conversations,
+    pack_sft,
+    small_task_conversations,
+    task_conversations,
+)
 
 
 def sft_sources(recipe: Recipe) -> dict[str, list[list[Message]]]:
@@ -108,10 +114,19 @@ class Schedule:
             n = parts[-1].inputs.shape[0]
             ranges[name] = torch.arange(start, start + n)
             start += n
+        for k in sorted({p.task_max_digits for p in cfg.phases if p.task_max_digits}):
+            convs = small_task_conversations(recipe.data.tasks, k, cfg.task_examples, recipe.seed)
+            if convs:
+                parts.append(pack_sft(tokenizer, convs, cfg.seq_len, recipe.seed))
+                n = parts[-1].inputs.shape[0]
+                ranges[f"tasks<={k}"] = torch.arange(start, start + n)
+                start += n
         self.rows = concat_rows(parts)
         self.spans, first = [], 0
         for i, phase in enumerate(cfg.phases):
-            names = phase.sources or list(ranges)
+            names = phase.sources or [n for n in ranges if not n.startswith("tasks<=")]
+            if phase.task_max_digits:
+                names = [f"tasks<={phase.task_max_digits}" if n == "tasks" else n for n in names]
             missing = [n for n in names if n not in ranges]
             if missing:
                 raise StacklabError(
@@ -246,8 +261,12 @@ def run_sft(ctx: StageContext) -> Metrics:
 def sft_config(recipe: Recipe) -> dict[str, Any]:
     if not recipe.sft.enabled:
         return {"enabled": False}
+    sft = recipe.sft.model_dump(mode="json", exclude={"data"})
+    for phase in sft["phases"]:  # recipes that do not use it keep their cache keys
+        if phase["task_max_digits"] is None:
+            del phase["task_max_digits"]
     return {
-        "sft": recipe.sft.model_dump(mode="json", exclude={"data"}),
+        "sft": sft,
         "tasks": [t.model_dump(mode="json") for t in recipe.data.tasks],
         "seed": recipe.seed,
     }

@@ -89,6 +89,34 @@ def task_conversations(
     return out
 
 
+def small_task_conversations(
+    task_cfgs: list[TaskConfig], max_digits: int, n_per_task: int, seed: int
+) -> list[Conversation]:
+    """`n_per_task` train-split problems of each task whose operands have at most `max_digits`
+    digits, drawn with repetition (one-digit sums are only a few hundred problems), as
+    user/assistant turns; the same for the same seed. Tasks whose operands are all longer
+    contribute none. Eval problems never appear: the split is a function of the problem."""
+    out: list[Conversation] = []
+    for cfg in task_cfgs:
+        if cfg.min_digits > max_digits:
+            continue
+        gen = make_generator(cfg.model_copy(update={"max_digits": min(cfg.max_digits, max_digits)}))
+        rng = random.Random(f"{gen.kind}:small{max_digits}:{seed}")
+        kept = 0
+        for _ in range(100 * n_per_task + 1000):  # a bound, though half the space is train
+            if kept == n_per_task:
+                break
+            problem = gen.sample(rng)
+            if gen.split_of(problem) == "train":
+                out.append(task_conversation(problem))
+                kept += 1
+        else:
+            raise DataError(
+                f"{gen.kind}: found only {kept} train problems of at most {max_digits} digits"
+            )
+    return out
+
+
 @dataclass
 class SFTRows:
     """Packed rows: `targets[i, t]` is `inputs[i, t + 1]` of the row, or -100 where that
