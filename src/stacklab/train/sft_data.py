@@ -102,18 +102,17 @@ def small_task_conversations(
             continue
         gen = make_generator(cfg.model_copy(update={"max_digits": min(cfg.max_digits, max_digits)}))
         rng = random.Random(f"{gen.kind}:small{max_digits}:{seed}")
-        kept = 0
-        for _ in range(100 * n_per_task + 1000):  # a bound, though half the space is train
-            if kept == n_per_task:
-                break
+        kept = draws = 0
+        while kept < n_per_task:
+            if draws == 100 * n_per_task + 1000:  # only a bound: most of a space is train
+                raise DataError(
+                    f"{gen.kind}: found only {kept} train problems of at most {max_digits} digits"
+                )
             problem = gen.sample(rng)
+            draws += 1
             if gen.split_of(problem) == "train":
                 out.append(task_conversation(problem))
                 kept += 1
-        else:
-            raise DataError(
-                f"{gen.kind}: found only {kept} train problems of at most {max_digits} digits"
-            )
     return out
 
 
