@@ -105,8 +105,13 @@ class Schedule:
             )
             self.spans = [(0, cfg.steps, torch.arange(self.rows.inputs.shape[0]))]
             return
+        pools = dict(sources)  # packed in this order: the sources, then the small-sums pools
+        for k in sorted({p.task_max_digits for p in cfg.phases if p.task_max_digits}):
+            convs = small_task_conversations(recipe.data.tasks, k, cfg.task_examples, recipe.seed)
+            if convs:
+                pools[f"tasks<={k}"] = convs
         parts, ranges, start = [], {}, 0
-        for name, convs in sources.items():
+        for name, convs in pools.items():
             try:
                 parts.append(pack_sft(tokenizer, convs, cfg.seq_len, recipe.seed))
             except DataError as exc:
@@ -114,17 +119,10 @@ class Schedule:
             n = parts[-1].inputs.shape[0]
             ranges[name] = torch.arange(start, start + n)
             start += n
-        for k in sorted({p.task_max_digits for p in cfg.phases if p.task_max_digits}):
-            convs = small_task_conversations(recipe.data.tasks, k, cfg.task_examples, recipe.seed)
-            if convs:
-                parts.append(pack_sft(tokenizer, convs, cfg.seq_len, recipe.seed))
-                n = parts[-1].inputs.shape[0]
-                ranges[f"tasks<={k}"] = torch.arange(start, start + n)
-                start += n
         self.rows = concat_rows(parts)
         self.spans, first = [], 0
         for i, phase in enumerate(cfg.phases):
-            names = phase.sources or [n for n in ranges if not n.startswith("tasks<=")]
+            names = phase.sources or list(sources)
             if phase.task_max_digits:
                 names = [f"tasks<={phase.task_max_digits}" if n == "tasks" else n for n in names]
             missing = [n for n in names if n not in ranges]
