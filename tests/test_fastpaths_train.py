@@ -2,7 +2,8 @@
 
 Fast paths: one matmul for the attention projections (`fused_linear`), the output head fused
 with the cross-entropy (`linear_cross_entropy`, `return_logits=False`), and activation
-checkpointing (bit-identical gradients, MoE load counts not counted twice).
+checkpointing (bit-identical gradients, MoE load counts not counted twice), and training
+under `torch.compile` (`pretrain.compile`; MoE experts through the `stacklab::grouped_mm` op).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stacklab.model import layers
+from stacklab.model import layers, moe
 from stacklab.model.layers import fused_linear, linear_cross_entropy
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, PretrainConfig, load_recipe
@@ -48,22 +49,28 @@ def _batch(rows: int = 3, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loss_and_grads(
-    name: str, fast: bool, return_logits: bool = True, checkpointing: bool = False
+    name: str,
+    fast: bool,
+    return_logits: bool = True,
+    checkpointing: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(0)
     model = build_model(CONFIGS[name], VOCAB).train()
     model.set_activation_checkpointing(checkpointing)
+    call = torch.compile(model) if compiled else model
     x, y = _batch()
     before = layers.FAST_PATHS
     layers.FAST_PATHS = fast
     try:
-        out = model(x, y, return_logits=return_logits)
+        out = call(x, y, return_logits=return_logits)
         (out.loss + out.aux_loss).backward()
     finally:
         layers.FAST_PATHS = before
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     counts = [m.expert_counts.clone() for m in model.moe_layers()]
-    return out.loss.detach(), grads, counts
+    loss = (out.loss + out.aux_loss).detach()
+    return loss, grads, counts
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -124,6 +131,38 @@ def test_activation_checkpointing_gives_identical_gradients(name: str) -> None:
     assert all(torch.equal(ac_grads[n], grads[n]) for n in grads)
     # The backward replays each MoE forward; its tokens are counted once.
     assert all(torch.equal(a, b) for a, b in zip(ac_counts, counts, strict=True))
+
+
+def test_grouped_mm_op_matches_the_aten_op_and_passes_opcheck() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 8, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, 8, generator=gen, requires_grad=True)  # [E, out, in] as the experts
+    offs = torch.tensor([2, 2, 10], dtype=torch.int32)  # the middle expert gets no rows
+    out = moe.grouped_mm(a, w.transpose(-2, -1), offs)
+    ref = F.grouped_mm(a, w.transpose(-2, -1), offs=offs)
+    assert torch.equal(out, ref)
+    upstream = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (a, w), upstream)
+    want = torch.autograd.grad(ref, (a, w), upstream)
+    assert all(torch.equal(g, r) for g, r in zip(got, want, strict=True))
+    assert not got[1][1].any()  # an expert without rows gets a zero gradient
+    # The fake (shape) and autograd registrations, as torch.compile will use them.
+    torch.library.opcheck(moe.grouped_mm, (a, w.transpose(-2, -1), offs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_training_gives_the_eager_loss_gradients_and_counts(name: str) -> None:
+    torch._dynamo.reset()
+    loss, grads, counts = _loss_and_grads(name, fast=True, return_logits=False)
+    c_loss, c_grads, c_counts = _loss_and_grads(
+        name, fast=True, return_logits=False, compiled=True
+    )
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    assert sorted(c_grads) == sorted(grads)
+    for n in grads:
+        torch.testing.assert_close(c_grads[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(torch.equal(a, b) for a, b in zip(c_counts, counts, strict=True))
 
 
 def test_activation_checkpointing_is_a_recipe_option_outside_the_stage_hash() -> None:

@@ -380,7 +380,11 @@ class PretrainConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, float32 on CPU"
     )
-    compile: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (fused element-wise kernels): about 1.1-1.2x "
+        "tokens/s on CPU after 30-40 s of compiling; same results up to float rounding",
+    )
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun; fsdp: GPU only")
     activation_checkpointing: bool = Field(
         False,

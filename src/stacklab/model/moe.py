@@ -132,10 +132,55 @@ def _grouped_linear(
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (rows.shape[-1], hidden))
     if HAS_GROUPED_MM and supported and aligned:
         offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's slice
+        # Under torch.compile the aten op's shape function accepts bf16 only (the CUDA kernel's
+        # rule), so other dtypes go through the custom op below; eager keeps the aten op.
+        compiling = torch.compiler.is_compiling() and dtype != torch.bfloat16
+        mm = grouped_mm if compiling else F.grouped_mm
         # grouped_mm is not autocast-aware: cast like autocast would.
-        return lambda a, w: F.grouped_mm(a.to(dtype), w.transpose(-2, -1).to(dtype), offs=offsets)
+        return lambda a, w: mm(a.to(dtype), w.transpose(-2, -1).to(dtype), offs=offsets)
     sizes = counts.tolist()  # the one host sync of the layer
     return lambda a, w: torch.cat([F.linear(part, w[e]) for e, part in enumerate(a.split(sizes))])
+
+
+if HAS_GROUPED_MM:
+
+    @torch.library.custom_op("stacklab::grouped_mm", mutates_args=())
+    def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+        """`F.grouped_mm(a, b, offs=offs)` for a [M, K] and b [E, K, N] as an opaque op.
+
+        torch.compile treats it as one kernel (shape from the fake below, gradients from the
+        autograd formula below) and fuses the gather, SwiGLU and scatter around it.
+        """
+        return F.grouped_mm(a, b, offs=offs)
+
+    @grouped_mm.register_fake
+    def _grouped_mm_shape(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @torch.library.custom_op("stacklab::grouped_mm_weight_grad", mutates_args=())
+    def _grouped_mm_weight_grad(a: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
+        """Per group g of rows: `a[g]ᵀ @ grad[g]`, stacked to [E, K, N]."""
+        return F.grouped_mm(a.t(), grad, offs=offs)
+
+    @_grouped_mm_weight_grad.register_fake
+    def _weight_grad_shape(a: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
+        return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+
+    def _grouped_mm_save(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor):
+        a, b, offs = inputs
+        ctx.save_for_backward(a, b, offs)
+
+    def _grouped_mm_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        a, b, offs = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_a, need_b, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad = grad.contiguous()  # grouped_mm refuses broadcast (stride-0) gradients
+        grad_a = grouped_mm(grad, b.transpose(-2, -1), offs) if need_a else None
+        grad_b = _grouped_mm_weight_grad(a, grad, offs) if need_b else None
+        return grad_a, grad_b, None
+
+    grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
 
 
 class MoE(nn.Module):
