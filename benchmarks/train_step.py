@@ -375,7 +375,7 @@ def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]
 
 def print_table(results: list[dict[str, Any]], peak: float) -> None:
     print(f"float32 matmul peak (1024², best of start/end): {peak / 1e9:.1f} GFLOP/s")
-    head = f"{'case':<11} {'side':<8} {'step ms':>8} {'tok/s':>8} {'MFU':>6} {'step MiB':>9}"
+    head = f"{'case':<11} {'side':<12} {'step ms':>8} {'tok/s':>8} {'MFU':>6} {'step MiB':>9}"
     print(head + f" {'ratio':>7} {'goal':>6}")
     for r in results:
         for side in SIDES:
@@ -385,7 +385,7 @@ def print_table(results: list[dict[str, Any]], peak: float) -> None:
             mem = s.get("memory")
             mib = f"{mem['step_peak_mib']:>9.0f}" if mem else f"{'-':>9}"
             line = (
-                f"{r['case']:<11} {side:<8} {s['step_s'] * 1e3:>8.0f} "
+                f"{r['case']:<11} {side:<12} {s['step_s'] * 1e3:>8.0f} "
                 f"{s['tokens_per_s']:>8.0f} {s['mfu']:>6.1%} {mib}"
             )
             if side == "ours":
