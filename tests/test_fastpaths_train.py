@@ -151,11 +151,18 @@ def test_grouped_mm_op_matches_the_aten_op_and_passes_opcheck() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_compiled_training_gives_the_eager_loss_gradients_and_counts(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "checkpointing"),
+    [(name, False) for name in CONFIGS] + [("moe_aux_loss", True)],
+)
+def test_compiled_training_gives_the_eager_loss_gradients_and_counts(
+    name: str, checkpointing: bool
+) -> None:
     torch._dynamo.reset()
     loss, grads, counts = _loss_and_grads(name, fast=True, return_logits=False)
-    c_loss, c_grads, c_counts = _loss_and_grads(name, fast=True, return_logits=False, compiled=True)
+    c_loss, c_grads, c_counts = _loss_and_grads(
+        name, fast=True, return_logits=False, checkpointing=checkpointing, compiled=True
+    )
     torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
     assert sorted(c_grads) == sorted(grads)
     for n in grads:
