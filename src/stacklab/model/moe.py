@@ -134,8 +134,8 @@ def _grouped_linear(
         offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's slice
         # Under torch.compile the aten op's shape function accepts bf16 only (the CUDA kernel's
         # rule), so other dtypes go through the custom op below; eager keeps the aten op.
-        compiling = torch.compiler.is_compiling() and dtype != torch.bfloat16
-        mm = grouped_mm if compiling else F.grouped_mm
+        via_op = torch.compiler.is_compiling() and dtype != torch.bfloat16
+        mm = grouped_mm if via_op else F.grouped_mm
         # grouped_mm is not autocast-aware: cast like autocast would.
         return lambda a, w: mm(a.to(dtype), w.transpose(-2, -1).to(dtype), offs=offsets)
     sizes = counts.tolist()  # the one host sync of the layer
