@@ -17,12 +17,26 @@ subset. Runs are counted the engine's way: one distinct recipe x seed is one run
 
     OMP_NUM_THREADS=1 python benchmarks/engine_search.py [--scenarios 10] [--noise 0.15]
         [--samplers nsga2,tpe] [--quick] [--json PATH]
+
+Calibration mode (`--calibration`): can the engine's word be trusted, not just its pick on
+one structure? On N random scenarios (tests/integrate_sim/calibration.py: 8-12
+contributions mixing real gains, nulls, a conflict, a vanishing gain, a guardrail breach, a
+choice group, a synergy pair and a trade-off between two objectives; exact truth), the
+engine decides at 1x, 2x and 4x a run budget; each decision is scored (exact best subset,
+a subset as good, nulls and vanishing gains accepted, power, undecided), and every interval
+it gives as evidence is checked against the true value (coverage, by level and kind).
+Optuna TPE / NSGA-II pick at the same budgets; the full factorial runs at its own cost.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_search.py --calibration [--scenarios 20]
+        [--first-scenario 1000] [--budgets 160,320,640] [--samplers tpe,nsga2]
+        [--margin M] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import math
 import platform
@@ -36,6 +50,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from rich.console import Console
+
 from integrate_sim.benchmark import (
     OptunaTrial,
     PickRule,
@@ -48,8 +64,19 @@ from integrate_sim.benchmark import (
     run_engine,
     true_best,
 )
-from integrate_sim.scenarios import Scenario, kitchen_sink
-from stacklab.integrate.round import Round
+from integrate_sim.calibration import (
+    ROLES,
+    coverage_table,
+    feasible,
+    random_scenario,
+    score_decision,
+    true_utility,
+)
+from integrate_sim.objective import simulate
+from integrate_sim.scenarios import Scenario, kitchen_sink, write_round
+from stacklab.integrate.contributions import apply_subset
+from stacklab.integrate.engine import integrate
+from stacklab.integrate.round import Round, load_round
 
 RULES: dict[PickRule, str] = {"best": "best utility", "1se": "1-SE parsimony"}
 SAMPLER_NAMES = {"nsga2": "NSGA-II", "tpe": "TPE", "random": "random"}
@@ -233,19 +260,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", type=int, default=10, help="how many scenarios")
-    parser.add_argument("--first-scenario", type=int, default=1, help="seed of the first one")
+    parser.add_argument(
+        "--scenarios", type=int, help="how many scenarios (default 10; calibration: 20)"
+    )
+    parser.add_argument(
+        "--first-scenario", type=int, help="seed of the first one (default 1; calibration: 1000)"
+    )
     parser.add_argument("--noise", type=float, default=0.15, help="per-run noise sd of quality")
     parser.add_argument("--budget", type=int, default=200, help="the engine's round budget")
     parser.add_argument(
-        "--samplers", default="nsga2,tpe", help="Optuna samplers: nsga2, tpe, random"
+        "--samplers",
+        help="Optuna samplers: nsga2, tpe, random (default nsga2,tpe; calibration: tpe,nsga2)",
     )
     parser.add_argument(
         "--max-factor", type=float, default=4.0, help="Optuna's largest budget / engine's mean"
     )
-    parser.add_argument("--quick", action="store_true", help="1 scenario, sweep to 2x (~30 s)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 scenario, sweep to 2x (~30 s); calibration: 2 scenarios, budget 160 only",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--calibration", action="store_true", help="random scenarios: coverage and verdicts"
+    )
+    parser.add_argument(
+        "--budgets", default="160,320,640", help="calibration: engine budgets (1x, 2x, 4x)"
+    )
+    parser.add_argument(
+        "--margin", type=float, help="calibration: the round's margin (default: the engine's)"
+    )
     args = parser.parse_args()
+    if args.calibration:
+        calibration_main(args)
+        return
+    args.scenarios = 10 if args.scenarios is None else args.scenarios
+    args.first_scenario = 1 if args.first_scenario is None else args.first_scenario
+    args.samplers = "nsga2,tpe" if args.samplers is None else args.samplers
     if args.quick:
         args.scenarios, args.max_factor = 1, min(args.max_factor, 2.0)
     if _optuna_version() is None:
@@ -297,6 +348,387 @@ def bench_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------------- calibration mode
+
+GOAL_COVERAGE = (0.93, 0.97)  # for nominal 95% intervals
+GOAL_FALSE_ACCEPT = 0.05  # nulls and vanishing gains accepted, per such contribution
+GOAL_EXACT = 0.90  # exact best subset at 1x
+
+
+class CachedWorld(World):
+    """`World` with each subset's recipe built once, not once per seed: the full factorial
+    of 12 contributions asks for 4096 subsets x 3 seeds."""
+
+    def __init__(self, rnd: Round, scenario: Scenario):
+        super().__init__(rnd, scenario)
+        self._recipes: dict[frozenset[int], dict[str, Any]] = {}
+
+    def metrics(self, subset: frozenset[int], seed: int) -> dict[str, float]:
+        if (subset, seed) not in self.runs:
+            if subset not in self._recipes:
+                ids = {self.rnd.ids[i] for i in subset}
+                recipe = apply_subset(self.rnd.baseline, self.rnd.contributions, ids)
+                self._recipes[subset] = recipe.to_dict()
+            recipe = {**self._recipes[subset], "seed": seed}
+            self.runs[subset, seed] = simulate(recipe, seed, self.truth)
+        return self.runs[subset, seed]
+
+
+def _pick_score(scenario: Scenario, rnd: Round, subset: frozenset[int]) -> dict[str, Any]:
+    """Exact best / as good as the best, for a subset of round indices."""
+    ids = {rnd.ids[i] for i in subset}
+    best_utility = true_utility(scenario, scenario.best)
+    return {
+        "selected": sorted(ids),
+        "exact_best": ids == set(scenario.best),
+        "optimal_utility": feasible(scenario, ids)
+        and true_utility(scenario, ids) >= best_utility - 1e-9,
+    }
+
+
+def calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine, Optuna and the full factorial on every scenario; the scores (what --json
+    writes, less the summaries `summarize` adds)."""
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    samplers = [s for s in args.samplers.split(",") if s]
+    seeds = range(args.first_scenario, args.first_scenario + args.scenarios)
+    extra = {} if args.margin is None else {"margin": args.margin}
+    scenarios: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stacklab-calibration-") as tmp:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            scenario = random_scenario(seed)
+            record: dict[str, Any] = {
+                "seed": seed,
+                "roles": scenario.roles,
+                "objectives": scenario.objectives,
+                "guardrails": scenario.guardrails,
+                "best": sorted(scenario.best),
+                "engine": {},
+                "optuna": {},
+            }
+            rnd: Round | None = None
+            for budget in budgets:
+                root = Path(tmp) / f"s{seed}-b{budget}"
+                round_file = write_round(
+                    root, scenario, budget, seeds=3, confirm_seeds=3, workers=2, **extra
+                )
+                rnd = load_round(round_file)
+                t_engine = time.perf_counter()
+                result = integrate(round_file, root / "out", Console(file=io.StringIO()))
+                score = score_decision(scenario, result.decision)
+                score["seconds"] = time.perf_counter() - t_engine
+                record["engine"][str(budget)] = score
+            assert rnd is not None
+            for sampler in samplers:
+                world = CachedWorld(rnd, scenario)
+                history = optuna_search(rnd, world, sampler, max(budgets), seed=seed)
+                picks: dict[str, dict[str, Any]] = {}
+                for budget in budgets:
+                    for rule in RULES:
+                        subset, spent = optuna_pick(rnd, world, history, budget, rule)
+                        picks[f"{budget}/{rule}"] = {
+                            **_pick_score(scenario, rnd, subset),
+                            "runs": spent,
+                        }
+                record["optuna"][sampler] = picks
+            world = CachedWorld(rnd, scenario)
+            t_ff = time.perf_counter()
+            chosen = full_factorial(rnd, world)
+            record["factorial"] = {
+                **_pick_score(scenario, rnd, chosen),
+                "runs": len(world.runs),
+                "seconds": time.perf_counter() - t_ff,
+            }
+            record["seconds"] = time.perf_counter() - t0
+            scenarios.append(record)
+            _progress(record, budgets, samplers, time.perf_counter() - t_start)
+    return {
+        "benchmark": "engine_search_calibration",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
+        "command": " ".join(["python", "benchmarks/engine_search.py", *sys.argv[1:]]),
+        "config": {
+            "scenarios": args.scenarios,
+            "first_scenario": args.first_scenario,
+            "budgets": budgets,
+            "samplers": samplers,
+            "seeds": 3,
+            "confirm_seeds": 3,
+            "workers": 2,
+            "margin": args.margin,
+            "optuna": _optuna_version(),
+        },
+        "scenarios": scenarios,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _progress(record: dict[str, Any], budgets: list[int], samplers: list[str], t: float) -> None:
+    roles = list(record["roles"].values())
+    mix = ", ".join(f"{roles.count(r)} {r}" for r in ROLES if r in roles)
+    mark = {True: "yes", False: "no"}
+    parts = []
+    for b in budgets:
+        e = record["engine"][str(b)]
+        parts.append(
+            f"engine@{b} exact {mark[e['exact_best']]} optimal {mark[e['optimal_utility']]} "
+            f"runs {e['runs']} {e['seconds']:.0f}s"
+        )
+    for sampler in samplers:
+        p = record["optuna"][sampler][f"{budgets[0]}/best"]
+        parts.append(f"{sampler}@{budgets[0]} exact {mark[p['exact_best']]}")
+    ff = record["factorial"]
+    parts.append(f"factorial exact {mark[ff['exact_best']]} ({ff['runs']} runs)")
+    print(f"scenario {record['seed']} ({mix}; {t:.0f}s so far): " + "; ".join(parts), flush=True)
+
+
+def _rate(k: float, n: float) -> float | None:
+    return k / n if n else None
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """Per-budget rates, Optuna and factorial rows, coverage and the goals (added to res)."""
+    budgets, n = res["config"]["budgets"], len(res["scenarios"])
+    engine: dict[str, dict[str, Any]] = {}
+    coverage: dict[str, dict[str, Any]] = {}
+    for b in map(str, budgets):
+        scores = [s["engine"][b] for s in res["scenarios"]]
+        intervals = [rec for sc in scores for rec in sc["intervals"]]
+        runs = [sc["runs"] for sc in scores]
+        nv = sum(sc["null_vanishing_total"] for sc in scores)
+        accepted_by_role = {
+            role: [
+                sum(
+                    c["status"] == "accepted"
+                    for c in sc["contributions"].values()
+                    if c["role"] == role
+                )
+                for sc in scores
+            ]
+            for role in ROLES
+        }
+        totals_by_role = {
+            role: sum(c["role"] == role for sc in scores for c in sc["contributions"].values())
+            for role in ROLES
+        }
+        engine[b] = {
+            "scenarios": n,
+            "decisions": sum(len(sc["contributions"]) for sc in scores),
+            "exact_best": sum(sc["exact_best"] for sc in scores),
+            "optimal_utility": sum(sc["optimal_utility"] for sc in scores),
+            "null_or_vanishing_accepted": sum(sc["null_or_vanishing_accepted"] for sc in scores),
+            "null_vanishing_total": nv,
+            "false_accept_rate": _rate(sum(sc["null_or_vanishing_accepted"] for sc in scores), nv),
+            "best_accepted": sum(sc["best_accepted"] for sc in scores),
+            "best_size": sum(sc["best_size"] for sc in scores),
+            "real_accepted": sum(sc["real_accepted"] for sc in scores),
+            "real_total": sum(sc["real_total"] for sc in scores),
+            "undecided": sum(sc["undecided"] for sc in scores),
+            "runs_mean": statistics.fmean(runs),
+            "runs_max": max(runs),
+            "seconds_mean": statistics.fmean(sc["seconds"] for sc in scores),
+            "accepted_by_role": {r: sum(v) for r, v in accepted_by_role.items()},
+            "role_totals": totals_by_role,
+        }
+        coverage[b] = {
+            "by_level": coverage_table(intervals, "level"),
+            "by_comparison": coverage_table(intervals, "comparison"),
+            "by_quantity": coverage_table(intervals, "quantity"),
+        }
+    optuna: dict[str, dict[str, dict[str, float]]] = {}
+    for sampler in res["config"]["samplers"]:
+        for rule in RULES:
+            name = f"optuna {SAMPLER_NAMES.get(sampler, sampler)}, {RULES[rule]}"
+            optuna[name] = {}
+            for b in budgets:
+                picks = [s["optuna"][sampler][f"{b}/{rule}"] for s in res["scenarios"]]
+                optuna[name][str(b)] = {
+                    "exact_best": sum(p["exact_best"] for p in picks),
+                    "optimal_utility": sum(p["optimal_utility"] for p in picks),
+                    "runs_mean": statistics.fmean(p["runs"] for p in picks),
+                }
+    ff = [s["factorial"] for s in res["scenarios"]]
+    factorial = {
+        "exact_best": sum(f["exact_best"] for f in ff),
+        "optimal_utility": sum(f["optimal_utility"] for f in ff),
+        "runs_mean": statistics.fmean(f["runs"] for f in ff),
+        "runs_max": max(f["runs"] for f in ff),
+    }
+    res.update(engine=engine, coverage=coverage, optuna=optuna, factorial=factorial)
+    res["goals"] = _goals(res)
+    return res
+
+
+def _goals(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per goal: what was measured and whether it is met (None: nothing to judge)."""
+    budgets = [str(b) for b in res["config"]["budgets"]]
+    n = len(res["scenarios"])
+    goals = []
+    for b in budgets:
+        cell = res["coverage"][b]["by_level"].get("0.95")
+        rate = _rate(cell["covered"], cell["total"]) if cell else None
+        lo, hi = GOAL_COVERAGE
+        goals.append(
+            {
+                "goal": f"coverage of nominal 95% intervals in {lo:.0%}-{hi:.0%} at budget {b}",
+                "value": rate,
+                "count": cell["total"] if cell else 0,
+                "met": None if rate is None else lo <= rate <= hi,
+            }
+        )
+    for b in budgets:
+        rate = res["engine"][b]["false_accept_rate"]
+        goals.append(
+            {
+                "goal": f"null/vanishing accepted <= {GOAL_FALSE_ACCEPT:.0%} at budget {b}",
+                "value": rate,
+                "count": res["engine"][b]["null_vanishing_total"],
+                "met": None if rate is None else rate <= GOAL_FALSE_ACCEPT,
+            }
+        )
+    first = budgets[0]
+    exact = {b: res["engine"][b]["exact_best"] / n for b in budgets}
+    goals.append(
+        {
+            "goal": f"exact best >= {GOAL_EXACT:.0%} at <= {first} runs",
+            "value": exact[first],
+            "count": n,
+            "met": exact[first] >= GOAL_EXACT and res["engine"][first]["runs_max"] <= int(first),
+        }
+    )
+    if len(budgets) > 1:
+        later = budgets[1:]
+        goals.append(
+            {
+                "goal": f"exact best not lower at {', '.join(later)} than at {first}",
+                "value": [exact[b] for b in budgets],
+                "count": n,
+                "met": all(exact[b] >= exact[first] for b in later),
+            }
+        )
+    return goals
+
+
+def _pct(k: int, n: int) -> str:
+    return f"{k}/{n} ({k / n:.0%})" if n else "-"
+
+
+def calibration_report(res: dict[str, Any]) -> str:
+    """The markdown tables (also stored in the JSON as `report`)."""
+    cfg, n = res["config"], len(res["scenarios"])
+    budgets = [str(b) for b in cfg["budgets"]]
+    base = int(budgets[0])
+    out = [
+        f"\n{n} random scenarios (seeds {cfg['first_scenario']}..), engine at budgets "
+        f"{', '.join(budgets)} ({', '.join(f'{int(b) / base:g}x' for b in budgets)}), "
+        f"3 seeds + 3 confirmation seeds, margin {cfg['margin'] or 'engine default'}, "
+        f"Optuna {cfg['optuna'] or 'not installed'}\n",
+        "| engine budget | decisions | exact best | optimal utility | null/vanishing accepted "
+        "| power (best set) | power (real gains) | undecided | runs mean, max | s mean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in budgets:
+        e = res["engine"][b]
+        out.append(
+            f"| {b} | {e['decisions']} | {_pct(e['exact_best'], n)} | "
+            f"{_pct(e['optimal_utility'], n)} | "
+            f"{_pct(e['null_or_vanishing_accepted'], e['null_vanishing_total'])} | "
+            f"{_pct(e['best_accepted'], e['best_size'])} | "
+            f"{_pct(e['real_accepted'], e['real_total'])} | {e['undecided']} | "
+            f"{e['runs_mean']:.0f}, {e['runs_max']} | {e['seconds_mean']:.1f} |"
+        )
+    out += ["", "Accepted by role (engine):", ""]
+    out.append("| budget | " + " | ".join(ROLES) + " |")
+    out.append("|---" * (len(ROLES) + 1) + "|")
+    for b in budgets:
+        e = res["engine"][b]
+        cells = [f"{e['accepted_by_role'][r]}/{e['role_totals'][r]}" for r in ROLES]
+        out.append(f"| {b} | " + " | ".join(cells) + " |")
+    out += ["", "Optuna (exact best, optimal utility; mean runs spent) and the full factorial:", ""]
+    out.append("| method | " + " | ".join(f"{b} runs" for b in budgets) + " |")
+    out.append("|---" * (len(budgets) + 1) + "|")
+    for name, row in res["optuna"].items():
+        cells = [
+            f"{_pct(c['exact_best'], n)}, {_pct(c['optimal_utility'], n)}; {c['runs_mean']:.0f}"
+            for c in row.values()
+        ]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    ff = res["factorial"]
+    out.append(
+        f"| full factorial (its own cost: {ff['runs_mean']:.0f} runs mean, {ff['runs_max']} max) | "
+        + " | ".join(
+            [f"{_pct(ff['exact_best'], n)}, {_pct(ff['optimal_utility'], n)}"] * len(budgets)
+        )
+        + " |"
+    )
+    for title, key in (("level", "by_level"), ("comparison", "by_comparison")):
+        groups = sorted({g for b in budgets for g in res["coverage"][b][key]})
+        out += ["", f"Interval coverage by {title} (covered/checked):", ""]
+        if not groups:
+            out.append("(no evidence intervals in the decisions: an engine without `evidence`)")
+            continue
+        out.append(f"| {title} | " + " | ".join(f"budget {b}" for b in budgets) + " |")
+        out.append("|---" * (len(budgets) + 1) + "|")
+        for g in groups:
+            cells = []
+            for b in budgets:
+                c = res["coverage"][b][key].get(g)
+                cells.append(_pct(c["covered"], c["total"]) if c else "-")
+            out.append(f"| {g} | " + " | ".join(cells) + " |")
+    out += ["", "Goals:", ""]
+    for g in res["goals"]:
+        verdict = {None: "n/a", True: "met", False: "NOT met"}[g["met"]]
+        value = g["value"]
+        if isinstance(value, list):
+            shown = ", ".join(f"{v:.0%}" for v in value)
+        else:
+            shown = "no data" if value is None else f"{value:.1%}"
+        out.append(f"- {g['goal']}: {shown} (n={g['count']}): {verdict}")
+    out.append(f"\nTime: {res['seconds']:.0f} s.")
+    return "\n".join(out)
+
+
+def calibration_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in `stacklab bench`'s table format: one per goal."""
+    rows = []
+    for g in res["goals"]:
+        value = g["value"][-1] if isinstance(g["value"], list) else g["value"]
+        rows.append(
+            {
+                "benchmark": "engine_search_calibration",
+                "case": f"{len(res['scenarios'])} random scenarios",
+                "unit": "share",
+                "ours": value,
+                "peer": None,
+                "peer_name": "",
+                "ratio": None,
+                "goal": g["goal"],
+                "met": g["met"],
+                "note": f"n={g['count']}",
+            }
+        )
+    return rows
+
+
+def calibration_main(args: argparse.Namespace) -> None:
+    args.scenarios = 20 if args.scenarios is None else args.scenarios
+    args.first_scenario = 1000 if args.first_scenario is None else args.first_scenario
+    args.samplers = "tpe,nsga2" if args.samplers is None else args.samplers
+    if args.quick:
+        args.scenarios, args.budgets = 2, "160"
+    if _optuna_version() is None:
+        print("optuna is not installed (pip install 'optuna>=5'): calibrating without it")
+        args.samplers = ""
+    res = summarize(calibrate(args))
+    res["report"] = calibration_report(res)
+    print(res["report"])
+    if args.json:
+        res["table"] = calibration_rows(res)
+        args.json.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ Bootstrap = Literal["cluster", "residual"]
 K = TypeVar("K")
 
 CLUSTER_MIN_SEEDS = 5  # fewer seeds: resample residuals, not seeds (see module docstring)
+CLUSTER_MAX_TERMS = 120  # more terms: resample residuals (a refit per draw costs p^3)
 _EIG_RTOL = 1e-10  # eigenvalues of a bootstrap Gram matrix below this x the largest count as 0
 _ESTIMABLE_TOL = 1e-8
 _CHUNK_ELEMENTS = 1 << 22  # bound on floats held at once by the batched bootstrap solve
@@ -175,7 +176,7 @@ def fit_effects(
     noise_sd = math.sqrt(float(resid @ resid) / residual_df) if residual_df > 0 else math.nan
 
     rng = np.random.default_rng(rng_seed)
-    if n_seeds >= CLUSTER_MIN_SEEDS:
+    if n_seeds >= CLUSTER_MIN_SEEDS and len(terms) <= CLUSTER_MAX_TERMS:
         bootstrap: Bootstrap = "cluster"
         weights = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=draws)  # [D, S]
         coef_draws = _cluster_draws(xt, yt, seed_idx, n_seeds, weights.astype(float))

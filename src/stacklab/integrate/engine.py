@@ -1,4 +1,4 @@
-"""The integration engine: plan -> run -> fit -> choose -> confirm -> decide -> credit -> report.
+"""The integration engine: screen -> search -> confirm -> decide -> credit -> report.
 
 `integrate(round_file, out_dir)` runs one round to its decision. Why it is built this way:
 
@@ -8,15 +8,31 @@
   seeds, and only the runs of the design so far), so killing the engine at any moment and
   starting it again replays the same plan, finds the finished runs in the store, runs what
   is missing and reaches the same decision.
+* **The model searches, direct comparisons decide.** The effects model (effects.py), fitted
+  on every run, proposes which recipes to run and which subset to try; it assumes every
+  interaction it has not measured is zero, so its intervals can miss by far, and no verdict
+  rests on them. A verdict rests on direct, seed-paired comparisons (verdicts.py): a member
+  is accepted only when leaving it out of the final recipe costs a significant gain of at
+  least `min_effect`, measured on confirmation seeds that took no part in choosing.
+* **The confirmation is paid for up front.** When screening ends, a share of the remaining
+  budget is set aside, so the search can never spend it. The confirmation is sequential:
+  after each block of seeds, only the comparisons still undecided get more seeds, up to a
+  planned number of looks, with the error spent across the looks (valid however early a
+  comparison stops). A comparison the budget could not settle is reported as undecided,
+  with about how many runs would settle it, never as "no gain".
+* **The final recipe changes one step at a time.** When the confirmation shelves members,
+  or a left-out contribution turns out to help inside the final recipe, the recipe changes
+  and its leave-one-outs are measured again on the same confirmation seeds. A member is
+  only shelved on a decided verdict (shown to hurt, shown too small, or no gain at the last
+  look), never because a few seeds were not enough: that is what kept the old one-test-per-
+  member rule from demoting real gains one after another.
+* **Guardrails belong to the final recipe.** A guardrail is judged on the recipe that would
+  ship against the baseline (its members together, interactions included). A contribution
+  alone is shelved for a guardrail only when the breach is shown; when the runs can neither
+  show a breach nor rule one out, the report says so and names the drop they can rule out.
 * **Blind until decided.** While the round runs, the store and the terminal know
   contributions only by blind ids; real ids appear in the outputs written after the
   decisions, and authors only in the credit table.
-* **Decisions carry their evidence.** Each contribution ends `accepted` (its leave-one-out
-  gain inside the final recipe is significant) or `shelved` with the first reason that
-  applies: its runs all failed; it is in a choice group with a selected contribution; it
-  breaks a guardrail; no measurable gain alone (after false-discovery control across
-  contributions); it conflicts with a selected contribution (adding it to the final recipe
-  hurts, and the pair's interaction says with whom); or its gain vanishes in combination.
 """
 
 from __future__ import annotations
@@ -24,10 +40,10 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
@@ -36,22 +52,14 @@ from rich.markup import escape
 from stacklab.errors import StacklabError
 from stacklab.integrate.contributions import apply_subset
 from stacklab.integrate.credit import MAX_PLAYERS, Credit, credit_with_intervals
-from stacklab.integrate.effects import (
-    EffectsFit,
-    benjamini_hochberg,
-    bootstrap_p_value,
-    fit_effects,
-)
+from stacklab.integrate.effects import EffectsFit, fit_effects
 from stacklab.integrate.planner import (
     Proposal,
     Subset,
     UtilityDraws,
-    confirmation_design,
     fresh_seeds,
-    guardrail_probability,
     propose,
     screening_design,
-    suspects,
 )
 from stacklab.integrate.report import write_reports
 from stacklab.integrate.round import Round, RoundError, load_round
@@ -62,13 +70,38 @@ from stacklab.integrate.runners import (
     make_executor,
     make_runner,
 )
-from stacklab.integrate.select import Choice, Guardrail, candidate_subsets, objective_scale
+from stacklab.integrate.select import (
+    Choice,
+    Guardrail,
+    Objective,
+    objective_scale,
+    search_candidates,
+)
 from stacklab.integrate.store import Run, RunStore, run_key
+from stacklab.integrate.verdicts import (
+    Interval,
+    SequentialPlan,
+    Verdict,
+    detectable_gain,
+    fmt,
+    guard_margins,
+    paired_interval,
+    pooled_noise,
+    verdict,
+)
 from stacklab.progress import progress_bar
 from stacklab.recipe import canonical_hash
 
 MAX_BATCHES = 50  # adaptive batches; the budget normally stops a round long before
+MAX_ATTEMPTS = 6  # rounds of comparisons (each change of the final recipe starts one)
+MAX_LOOKS = 8  # blocks of confirmation seeds a comparison may get
+CONFIRM_SHARE = 0.8  # of the budget left after screening, held back for the confirmation
+MIN_EFFECT_NOISE = 0.5  # default min_effect, in units of one run's utility noise
+PRUNE_PROB = 0.8  # model's P(gain > 0) a member needs to be confirmed without a gain alone
+SCREEN_LEVEL = 0.95  # level of the one-look screening comparisons (alone vs baseline)
 UTILITY = "utility"
+
+GuardState = Literal["held", "breached", "open"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +119,7 @@ class Batch:
     """One batch of the plan: recipes x seeds, with why the adaptive ones were proposed."""
 
     number: int
-    purpose: str  # screening | adaptive | confirmation
+    purpose: str  # screening | adaptive | confirmation | interaction
     subsets: list[Subset]
     seeds: list[int]
     why: dict[Subset, str]
@@ -94,16 +127,58 @@ class Batch:
 
 @dataclass(frozen=True)
 class Views:
-    """Fits of the same round on different runs; each question is asked of the runs made for it.
-
-    `full`: every run (selection, interactions, credit). `screen`: the screening seeds, where
-    every contribution ran alone on every seed (gain alone, guardrails alone). `confirm`: the
-    confirmation seeds (gains inside the final recipe, and what adding a shelved one does).
-    """
+    """Fits of the same round on different runs: `full` (every run: search, credit, the
+    interaction picture) and `screen` (the screening seeds, where every contribution ran alone
+    on every seed: the effects picture). Neither decides a verdict."""
 
     full: dict[str, EffectsFit]
     screen: dict[str, EffectsFit]
-    confirm: dict[str, EffectsFit] | None
+
+
+@dataclass
+class Comparison:
+    """A direct comparison behind a verdict: recipe `a` minus recipe `b` on `seeds`.
+
+    kind: "loo" (the final recipe minus it without `member`), "added" (the final recipe with
+    `member` minus without it) or "alone" (`member` alone minus the baseline, on the
+    screening seeds). `pool` and `pool_seeds`: the runs that gave the noise estimate.
+    """
+
+    kind: str
+    member: int
+    a: Subset
+    b: Subset
+    seeds: list[int]
+    interval: Interval
+    verdict: Verdict
+    pool: list[Subset]
+    pool_seeds: list[int] = field(default_factory=list)
+    attempt: int = 0
+    looks_left: int = 0
+
+
+@dataclass
+class GuardCheck:
+    """One guardrail on the final recipe against the baseline: the mean margin's interval."""
+
+    guardrail: Guardrail
+    interval: Interval
+    state: GuardState
+    seeds: list[int]
+
+
+@dataclass
+class Confirmation:
+    """What the confirmation measured, and the recipe it ends with."""
+
+    final: Subset
+    plan: SequentialPlan
+    tested: dict[int, Comparison] = field(default_factory=dict)  # latest comparison per member
+    guards: list[GuardCheck] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[list[int]] = field(default_factory=list)
+    removed: dict[int, str] = field(default_factory=dict)  # member -> why it left the recipe
+    out_of_budget: bool = False
 
 
 @dataclass
@@ -112,14 +187,14 @@ class RoundResult:
 
     decision: dict[str, Any]
     round: Round
-    views: Views  # effects fits: on every run, on the screening seeds, on the confirmation seeds
+    views: Views
     choice: Choice
     final: Subset
     batches: list[Batch]
     points: list[DesignRun]
     runs: dict[str, Run]
     credit: dict[str, dict[int, Credit]]  # metric or "utility" -> contribution -> credit
-    discoveries: dict[tuple[int, str], bool]  # (contribution, objective) -> BH discovery
+    discoveries: dict[tuple[int, str], bool]  # (contribution, metric) -> gain alone shown
 
 
 def integrate(
@@ -170,37 +245,44 @@ class _Session:
         self.points: dict[str, DesignRun] = {}
         self.batches: list[Batch] = []
         self._recipes: dict[Subset, tuple[str, dict[str, Any]]] = {}
+        self._metrics: dict[str, dict[str, float] | None] = {}  # finished runs' metrics
         self.notes: list[str] = []
+        self.objectives: list[Objective] = list(rnd.objectives)  # scales fixed after screening
+        self.min_effect = math.nan
+        self.noise_floor: dict[str, float] = {}
+        self.alpha = 1.0 - rnd.spec.level
 
     # ------------------------------------------------------------------ the round
 
     def run(self) -> RoundResult:
         rnd, spec = self.rnd, self.rnd.spec
-        candidates = candidate_subsets(self.n, rnd.groups)
         screen = screening_design(self.n, rnd.groups)
-        need = len(screen) * len(rnd.seeds) + 2 * rnd.confirm_count
+        first_look = 2 + self.n  # baseline, a final recipe and a comparison per contribution
+        need = len(screen) * len(rnd.seeds) + first_look * rnd.confirm_count
         if spec.budget < need:
             raise RoundError(
                 f"{rnd.file}: budget {spec.budget} is below what screening "
-                f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and a minimal confirmation "
-                f"(2 x {rnd.confirm_count}) need: {need}"
+                f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and one look of the "
+                f"confirmation ({first_look} recipes x {rnd.confirm_count} seeds) need: {need}"
             )
         self.say(
             f"[bold]round {rnd.name}[/]: {self.n} contributions "
-            f"({', '.join(rnd.blind[c] for c in rnd.ids)}), {len(candidates)} allowed subsets, "
-            f"budget {spec.budget} runs"
+            f"({', '.join(rnd.blind[c] for c in rnd.ids)}), budget {spec.budget} runs"
         )
         self.run_batch("screening", screen, rnd.seeds)
+        self._calibrate()
+        reserve = max(
+            first_look * rnd.confirm_count,
+            round(CONFIRM_SHARE * (spec.budget - self.used)),
+        )
+        self.say(f"  {reserve} runs held back for the confirmation")
 
         stopped = "confident"
+        fits = self.fit()
         while True:
-            fits = self.fit()
-            proposal = self._propose(fits, candidates)
-            chosen = proposal.chosen
-            self.say(f"  choice so far: {self.names(chosen)}")
+            proposal = self._propose(fits)
             if not proposal.subsets:
                 break
-            reserve = self._confirmation_cost(fits, chosen)
             seeds = fresh_seeds(self._used_seeds(), len(rnd.seeds))
             subsets = [frozenset(), *proposal.subsets]
             while (
@@ -211,107 +293,471 @@ class _Session:
                 stopped = "budget" if len(subsets) == 1 else "batch limit"
                 break
             self.run_batch("adaptive", subsets, seeds, proposal.why)
-
-        culprits = suspects(
-            fits, rnd.objectives, rnd.guardrails, chosen, self.n, rnd.groups,
-            spec.confidence, spec.guardrail_prob,
-        )  # fmt: skip
-        confirm_seeds = self._confirm_seeds()
-        design = self._fit_budget(confirmation_design(chosen, culprits), confirm_seeds, chosen)
-        if design:
-            self.run_batch("confirmation", design, confirm_seeds)
-            final, demoted = self._demote(chosen, confirm_seeds, list(culprits))
-        else:
-            self.notes.append("no budget left for a confirmation batch: the choice is unconfirmed")
-            final, demoted = chosen, []
+            fits = self.fit()
+        chosen = self._prune(fits, proposal.chosen)
+        self.say(f"  choice to confirm: {self.names(chosen)}")
+        conf = self._confirm(chosen, fits)
+        self._measure_culprits(conf, fits)
         fits = self.fit()
-        choice = self._propose(fits, candidates).table
-        screen = self.fit(set(rnd.seeds)) if self._succeeded(set(rnd.seeds)) else fits
-        confirm = self.fit(set(confirm_seeds)) if self._succeeded(set(confirm_seeds)) else None
-        views = Views(full=fits, screen=screen, confirm=confirm)
-        return self._result(views, choice, chosen, final, demoted, stopped, confirm_seeds)
+        choice = self._propose(fits).table
+        screen_fit = self.fit(set(rnd.seeds))
+        views = Views(full=fits, screen=screen_fit)
+        return self._result(views, choice, chosen, conf, stopped)
 
-    def _propose(self, fits: dict[str, EffectsFit], candidates: list[Subset]) -> Proposal:
+    def _calibrate(self) -> None:
+        """Fix the utility's units, the noise floor and min_effect from the screening runs."""
+        rnd = self.rnd
+        fits = self.fit(set(rnd.seeds))
+        self.objectives = [
+            replace(o, scale=objective_scale(fits[o.name], o)) for o in rnd.objectives
+        ]
+        screen = [p for p in self.points.values() if self._done(p.key)]
+        for name in [*rnd.metrics, UTILITY]:
+            obs = [(p.subset, p.seed, self.value(p.key, name)) for p in screen]
+            self.noise_floor[name] = pooled_noise(obs)[0]
+        u_sd = self.noise_floor[UTILITY]
+        if rnd.spec.min_effect is not None:
+            self.min_effect = rnd.spec.min_effect
+        else:
+            self.min_effect = MIN_EFFECT_NOISE * u_sd if math.isfinite(u_sd) else 0.0
+        floor = ", ".join(f"{m} {sd:.3g}" for m, sd in self.noise_floor.items())
+        self.say(f"  noise floor (one run, after the seed effect): {floor}")
+        plan = self._plan(len([i for i in range(self.n) if i not in self._grouped()]) // 2 + 1)
+        gain = detectable_gain(u_sd, math.inf, plan.max_seeds, plan.alpha_at(plan.looks))
+        self.power = {"max_seeds": plan.max_seeds, "detectable_gain": gain}
+        self.say(
+            f"  with this noise and budget a gain inside the final recipe above {gain:.3g} "
+            f"utility is detected with 80% power ({plan.max_seeds} confirmation seeds); "
+            f"min_effect {self.min_effect:.3g}"
+        )
+        if math.isfinite(gain) and self.min_effect < gain:
+            self.notes.append(
+                f"min_effect {self.min_effect:.3g} is below the gain this budget resolves with "
+                f"80% power ({gain:.3g} utility): real gains between the two may be shelved "
+                "as not shown or left undecided; a larger budget resolves smaller gains"
+            )
+        if rnd.spec.margin < gain and math.isfinite(gain):
+            self.notes.append(
+                f"margin {rnd.spec.margin:g} is below the resolvable gain ({gain:.3g}): the "
+                "search may stop before telling such close candidates apart"
+            )
+
+    def _grouped(self) -> set[int]:
+        return {i for g in self.rnd.groups for i in g}
+
+    def _plan(self, comparisons: int) -> SequentialPlan:
+        """Looks the budget left can pay for, with `comparisons` open at the first look."""
+        block = self.rnd.confirm_count
+        left = self.rnd.spec.budget - self.used
+        first = block * (2 + comparisons)
+        later = block * (1 + max(1, math.ceil(comparisons / 2)))
+        looks = 1 + max(0, left - first) // later
+        return SequentialPlan(self.alpha, int(min(MAX_LOOKS, max(1, looks))), block)
+
+    def _propose(self, fits: dict[str, EffectsFit]) -> Proposal:
         spec = self.rnd.spec
+        candidates = search_candidates(
+            fits, self.objectives, self.rnd.guardrails, self.n, self.rnd.groups,
+            must_include=self.measured(), prob=spec.guardrail_prob,
+        )  # fmt: skip
         return propose(
-            fits, self.rnd.objectives, self.rnd.guardrails, candidates, self.measured(),
+            fits, self.objectives, self.rnd.guardrails, candidates, self.measured(),
             {p.subset for p in self.points.values()}, spec.confidence, spec.guardrail_prob,
             spec.margin,
         )  # fmt: skip
 
-    def _confirm_seeds(self) -> list[int]:
-        if self.rnd.confirm_list is not None:
-            return self.rnd.confirm_list
-        return fresh_seeds(self._used_seeds(), self.rnd.confirm_count)
+    def _prune(self, fits: dict[str, EffectsFit], chosen: Subset) -> Subset:
+        """Drop, weakest first, members with no reason yet to be confirmed.
 
-    def _used_seeds(self) -> set[int]:
-        return {p.seed for p in self.points.values()} | set(self.rnd.confirm_list or [])
-
-    def _confirmation_cost(self, fits: dict[str, EffectsFit], chosen: Subset) -> int:
-        """Runs to hold back for confirming `chosen`, and for re-confirming after one demotion."""
-        spec = self.rnd.spec
-        culprits = suspects(
-            fits, self.rnd.objectives, self.rnd.guardrails, chosen, self.n, self.rnd.groups,
-            spec.confidence, spec.guardrail_prob,
-        )  # fmt: skip
-        confirm = self.cost(confirmation_design(chosen, culprits), self._confirm_seeds())
-        return confirm + (len(chosen) + len(culprits)) * self.rnd.confirm_count
-
-    def _fit_budget(self, design: list[Subset], seeds: list[int], chosen: Subset) -> list[Subset]:
-        """Cut the confirmation's tail (culprit pairs, add-ones) until it fits the budget."""
-        must = 2 + len(chosen)
-        design = list(design)
-        while len(design) > must and self.used + self.cost(design, seeds) > self.rnd.spec.budget:
-            design.pop()
-        if self.used + self.cost(design, seeds) > self.rnd.spec.budget:
-            return []
-        return design
-
-    def _demote(
-        self, chosen: Subset, seeds: list[int], suspects: list[int]
-    ) -> tuple[Subset, list[int]]:
-        """Drop, one at a time, the member whose gain inside the final recipe is weakest.
-
-        Tested on the confirmation runs alone: every one of their recipes ran on every
-        confirmation seed, and none of them took part in choosing, so the test is neither
-        flattered by the choice nor thinned by seeds that say nothing about it. One member at
-        a time, because two redundant members each look useless while the other is in: after
-        a demotion the leave-one-outs of what remains are run and tested again. Of several
-        weak members, the one whose removal costs least by the fit on every run goes first.
+        A member goes to the confirmation when the model says it adds at least min_effect
+        inside the choice and, unless its gain alone is shown, the model's draws put that
+        gain above zero with probability PRUNE_PROB (a synergy partner has no gain alone; a null
+        that noise pushed into the choice has neither). The model only guides here: a member
+        it keeps still has to prove itself on confirmation seeds, and one it drops is judged
+        on its own runs (alone, or added back to the final recipe when its gain alone shows).
         """
-        final, demoted = set(chosen), []
-        while final:
-            fset = frozenset(final)
-            members = sorted(fset)
-            needed = [fset, *(fset - {i} for i in members)]
-            fits = self.fit(set(seeds)) if self._succeeded(set(seeds)) else None
-            if fits is None or not all(_estimable(fits, s) for s in needed):
-                design = confirmation_design(fset, dict.fromkeys(suspects + demoted))
-                extra = self._fit_budget(design, seeds, fset)
-                if not extra or self.cost(extra, seeds) == 0:
-                    why = "no budget left" if not extra else "their runs failed"
-                    self.notes.append(
-                        f"could not confirm {self.names(fset, blind=False)} ({why}): its "
-                        "members are kept on the evidence so far"
-                    )
-                    break
-                self.run_batch("confirmation", extra, seeds)
-                continue
-            util = UtilityDraws(fits, self.rnd.objectives)
-            gains = {i: util.diff(fset, fset - {i}) for i in members}
-            pvals = {i: bootstrap_p_value(gains[i][1]) for i in members}
-            found = benjamini_hochberg(pvals, q=self.rnd.spec.fdr)
-            weak = [i for i in members if not (found[i] and gains[i][0] > 0)]
-            if not weak:
+        util = UtilityDraws(fits, self.objectives)
+        current = set(chosen)
+        while current:
+            fset = frozenset(current)
+            gains = {i: util.diff(fset, fset - {i}) for i in sorted(fset)}
+            candidates = [i for i in sorted(fset) if self._weak(i, *gains[i])]
+            if not candidates:
                 break
-            # Which weak member goes first is a comparison between recipes, not a test:
-            # ask every run (the full fit), whose estimates are far less noisy.
-            full = UtilityDraws(self.fit(), self.rnd.objectives)
-            worst = min(weak, key=lambda i: (full.diff(fset, fset - {i})[0], -pvals[i]))
-            final.discard(worst)
-            demoted.append(worst)
-            self.say(f"  demoted {self.rnd.blind[self.rnd.ids[worst]]}: no significant gain inside")
-        return frozenset(final), demoted
+            weakest = min(candidates, key=lambda i: (gains[i][0], i))
+            current.discard(weakest)
+            self.say(
+                f"  model: {self.rnd.blind[self.rnd.ids[weakest]]} adds "
+                f"{gains[weakest][0]:+.3g} inside, not clearly a gain: not confirmed as a member"
+            )
+        return frozenset(current)
+
+    def _weak(self, i: int, est: float, draws: np.ndarray) -> bool:
+        if est < self.min_effect:
+            return True
+        alone = self.alone(i)
+        shown = alone is not None and alone.verdict == "accept"
+        return not shown and float(np.mean(draws > 0.0)) < PRUNE_PROB
+
+    # ------------------------------------------------------------------ confirmation
+
+    def _suspects(self, final: Subset) -> list[int]:
+        """Left-out contributions whose gain alone is shown (and no guardrail breach alone):
+        the confirmation measures them added to the final recipe."""
+        out = []
+        for j in range(self.n):
+            if j in final or any(j in g and final.intersection(g) for g in self.rnd.groups):
+                continue
+            alone = self.alone(j)
+            if alone is None or alone.verdict != "accept":
+                continue
+            if any(
+                c.state == "breached" for c in self.guard_checks(frozenset({j}), self.rnd.seeds)
+            ):
+                continue
+            out.append(j)
+        return out
+
+    def _confirm(self, chosen: Subset, fits: dict[str, EffectsFit]) -> Confirmation:
+        """Sequential leave-one-out (and add-one) comparisons around the final recipe."""
+        final = chosen
+        conf = Confirmation(final=final, plan=self._plan(len(chosen) + len(self._suspects(chosen))))
+        plan = conf.plan
+        self.say(
+            f"  confirmation plan: up to {plan.looks} looks of {plan.block} seeds, "
+            f"alpha {plan.alpha:g} spent over the looks"
+        )
+        seen: set[Subset] = {final}
+        measured: set[int] = set()  # members and add-ones measured around this final recipe
+        for attempt in range(MAX_ATTEMPTS):
+            members = [i for i in sorted(final) if i not in measured]
+            suspects = [j for j in self._suspects(final) if j not in measured]
+            swaps: list[int] = []
+            if not members and not suspects:
+                suspects, swaps = self._second_tier(conf, final, measured)
+                if not suspects and not swaps:
+                    break
+            comps = self._run_looks(conf, final, members, suspects, attempt, swaps)
+            if not comps:  # not even one look could be paid for
+                break
+            measured |= set(comps)
+            for c in comps.values():
+                conf.tested[c.member] = c
+            conf.attempts.append(
+                {
+                    "recipe": sorted(final),
+                    "comparisons": {c.member: c.verdict for c in comps.values()},
+                    "guardrails": {g.guardrail.metric: g.state for g in conf.guards},
+                }
+            )
+            change = self._next_recipe(final, comps, conf, fits)
+            if change is None:
+                if conf.out_of_budget:
+                    break
+                continue
+            if change in seen:
+                break
+            seen.add(change)
+            first = [frozenset(), change, *(change - {i} for i in change)]
+            first += [change | {j} for j in self._suspects(change)]
+            if self.used + self.cost(first, self._block(conf, 1)) > self.rnd.spec.budget:
+                conf.out_of_budget = True
+                self.notes.append(
+                    f"the final recipe became {self.names(change, blind=False)} with no budget "
+                    "left to measure its members again: their gains were measured in "
+                    f"{self.names(final, blind=False)}"
+                )
+                final = change
+                break
+            final, measured = change, set()
+            self.say(f"  final recipe now: {self.names(final)}; measuring its members again")
+        else:
+            self.notes.append(
+                f"the confirmation stopped after {MAX_ATTEMPTS} rounds of comparisons"
+            )
+        conf.final = final
+        return conf
+
+    def _block(self, conf: Confirmation, look: int) -> list[int]:
+        """Seeds of look `look` (1-based): the round's confirmation seeds first, then fresh."""
+        while len(conf.blocks) < look:
+            if not conf.blocks and self.rnd.confirm_list is not None:
+                conf.blocks.append(list(self.rnd.confirm_list))
+            else:
+                used = self._used_seeds() | {s for b in conf.blocks for s in b}
+                conf.blocks.append(fresh_seeds(used, self.rnd.confirm_count))
+        return conf.blocks[look - 1]
+
+    def _second_tier(
+        self, conf: Confirmation, final: Subset, measured: set[int]
+    ) -> tuple[list[int], list[int]]:
+        """With the final recipe settled and runs left, what is still worth measuring.
+
+        Left-out contributions whose gain alone was not shown but not ruled out either
+        (positive, interval reaching min_effect): screening's few seeds miss real gains of one
+        or two noise sds more often than not. And each choice-group member left out for a
+        rival in the final recipe: swapped in for it, since the model may have picked the
+        weaker of two alternatives. Best first, as many as the budget can pay for whole.
+        """
+        left, swaps = [], []
+        for j in range(self.n):
+            if j in final or j in measured or j in conf.tested:
+                continue
+            if any(j in g and final.intersection(g) for g in self.rnd.groups):
+                alone = self.alone(j)
+                if alone is not None and alone.interval.estimate > 0:
+                    swaps.append(j)
+                continue
+            alone = self.alone(j)
+            if alone is None or alone.verdict in ("accept", "harm"):
+                continue
+            if not (alone.interval.estimate > 0 and alone.interval.high >= self.min_effect):
+                continue
+            if any(
+                c.state == "breached" for c in self.guard_checks(frozenset({j}), self.rnd.seeds)
+            ):
+                continue
+            left.append(j)
+        block = self._block(conf, 1)
+        chosen: list[Subset] = []
+        picked: tuple[list[int], list[int]] = ([], [])
+        ranked = [(j, 1) for j in swaps] + [(j, 0) for j in left]
+        ranked.sort(key=lambda x: (-self.alone(x[0]).interval.estimate, x[0]))  # type: ignore[union-attr]
+        for j, is_swap in ranked:
+            recipe = self._swap(final, j) if is_swap else final | {j}
+            # a whole look sequence for it: the first look and, at worst, every later one
+            need = self.cost([*chosen, recipe], block) * conf.plan.looks
+            if self.used + need > self.rnd.spec.budget:
+                break
+            chosen.append(recipe)
+            picked[is_swap].append(j)
+        return picked
+
+    def _swap(self, final: Subset, j: int) -> Subset:
+        """The final recipe with j in place of its choice-group rivals."""
+        rivals = {y for g in self.rnd.groups if j in g for y in g if y in final}
+        return (final - rivals) | {j}
+
+    def _run_looks(
+        self,
+        conf: Confirmation,
+        final: Subset,
+        members: list[int],
+        suspects: list[int],
+        attempt: int,
+        swaps: Sequence[int] = (),
+    ) -> dict[int, Comparison]:
+        """Looks of the sequential plan until every comparison is decided or runs run out.
+
+        When the budget cannot pay for another look, the current one is the last: it spends
+        the alpha the later looks would have, so a clear answer is still taken; what is not
+        clear then stays undecided (it never reached the planned last look).
+        """
+        plan = conf.plan
+        pairs: dict[int, tuple[str, Subset, Subset]] = {
+            i: ("loo", final, final - {i}) for i in members
+        }
+        pairs.update({j: ("added", final | {j}, final) for j in suspects})
+        pairs.update({j: ("swap", self._swap(final, j), final) for j in swaps})
+        pool = list(dict.fromkeys([final, *(x for m in pairs for x in pairs[m][1:])]))
+        open_ = set(pairs)
+        comps: dict[int, Comparison] = {}
+        guards_open = bool(self.rnd.guardrails)
+        seeds: list[int] = []
+        spent = 0.0
+        for look in range(1, plan.looks + 1):
+            block = self._block(conf, look)
+            recipes = self._look_recipes(final, pairs, open_, look == 1 or guards_open)
+            if self.used + self.cost(recipes, block) > self.rnd.spec.budget:
+                conf.out_of_budget = True
+                break
+            self.run_batch("confirmation", recipes, block)
+            seeds += block
+            noise = self._noise(pool, seeds, UTILITY)
+            alpha = plan.alpha_at(look)
+            evaluate = dict.fromkeys(sorted(open_), alpha)
+            verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, look == plan.looks)
+                        for m in evaluate}  # fmt: skip
+            still = {m for m, (_, v) in verdicts.items() if v == "open"}
+            if look < plan.looks and (still or guards_open):
+                after = self._block(conf, look + 1)
+                nxt = self._look_recipes(final, pairs, still, guards_open)
+                if self.used + self.cost(nxt, after) > self.rnd.spec.budget:
+                    alpha = plan.alpha - spent  # the last look this attempt can pay for
+                    verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, False)
+                                for m in evaluate}  # fmt: skip
+                    conf.out_of_budget = True
+            spent += alpha
+            for m, (iv, v) in verdicts.items():
+                kind, a, b = pairs[m]
+                comps[m] = Comparison(
+                    kind, m, a, b, self._shared(a, b, seeds), iv, v, pool, list(seeds),
+                    attempt, plan.looks - look,
+                )  # fmt: skip
+                if v != "open":
+                    open_.discard(m)
+            conf.guards = self.guard_checks(final, seeds, 1 - alpha)
+            guards_open = any(g.state == "open" for g in conf.guards)
+            if conf.out_of_budget or (not open_ and not guards_open):
+                break
+        return comps
+
+    def _look_recipes(
+        self,
+        final: Subset,
+        pairs: Mapping[int, tuple[str, Subset, Subset]],
+        open_: Iterable[int],
+        with_baseline: bool,
+    ) -> list[Subset]:
+        """The final recipe, the other side of every open comparison, and the baseline when a
+        guardrail (or the first look's final-vs-baseline estimate) needs it."""
+        recipes = [frozenset()] if with_baseline else []
+        recipes.append(final)
+        for m in sorted(open_):
+            _, a, b = pairs[m]
+            recipes.append(b if a == final else a)
+        return list(dict.fromkeys(recipes))
+
+    def _look(
+        self,
+        pair: tuple[str, Subset, Subset],
+        seeds: Sequence[int],
+        level: float,
+        noise: tuple[float, float],
+        final: bool,
+    ) -> tuple[Interval, Verdict]:
+        _, a, b = pair
+        iv = self.paired(a, b, seeds, UTILITY, level, noise)
+        return iv, verdict(iv, self.min_effect, final) if iv.n > 0 else "open"
+
+    def _next_recipe(
+        self,
+        final: Subset,
+        comps: Mapping[int, Comparison],
+        conf: Confirmation,
+        fits: dict[str, EffectsFit],
+    ) -> Subset | None:
+        """The recipe to confirm next, or None when this one stands.
+
+        A left-out contribution shown to help inside goes in (the best one first); members
+        with a decided "no" go out; when several of those each help alone they may stand in
+        for each other (a redundant pair both look useless while the other is in), so only
+        the weakest goes and the rest are measured again. A shown guardrail breach takes out
+        the member that costs the guarded metric most inside the recipe.
+        """
+        adds = [c for c in comps.values() if c.kind != "loo" and c.verdict == "accept"]
+        if adds:
+            best = max(adds, key=lambda c: (c.interval.estimate, -c.member))
+            return best.a
+        drops = [
+            c for c in comps.values() if c.kind == "loo" and c.verdict in ("harm", "small", "none")
+        ]
+        breached = [g for g in conf.guards if g.state == "breached"]
+        if breached and final:
+            g = breached[0].guardrail
+            seeds = [s for b in conf.blocks for s in b]
+            sign = 1.0 if g.direction == "max" else -1.0
+            costs = {
+                i: sign * self.paired(final, final - {i}, seeds, g.metric, 0.95).estimate
+                for i in final
+            }
+            worst = min(costs, key=lambda i: (costs[i], i))
+            conf.removed[worst] = f"guardrail:{g.metric}"
+            return final - {worst}
+        if not drops:
+            return None
+        helpful = [c for c in drops if (a := self.alone(c.member)) and a.verdict == "accept"]
+        if len(helpful) >= 2:
+            weakest = min(helpful, key=lambda c: (c.interval.estimate, c.member))
+            out = {weakest.member} | {c.member for c in drops if c not in helpful}
+        else:
+            out = {c.member for c in drops}
+        for m in out:
+            conf.removed[m] = comps[m].verdict
+        return final - out
+
+    # ------------------------------------------------------------------ direct comparisons
+
+    def value(self, key: str, name: str) -> float:
+        """A finished run's metric, or its utility (the objectives' weighted, signed sum)."""
+        metrics = self._metrics[key]
+        assert metrics is not None
+        if name != UTILITY:
+            return float(metrics[name])
+        return float(
+            sum(_factor(o) * float(metrics[o.name]) for o in self.objectives if o.weight > 0)
+        )
+
+    def series(self, subset: Subset, seeds: Iterable[int], name: str) -> dict[int, float]:
+        """seed -> value of `subset`'s finished runs on `seeds`."""
+        out = {}
+        for s in seeds:
+            key = self.key(subset, s)
+            if key in self.points and self._done(key):
+                out[s] = self.value(key, name)
+        return out
+
+    def _shared(self, a: Subset, b: Subset, seeds: Iterable[int]) -> list[int]:
+        ya, yb = self.series(a, seeds, UTILITY), self.series(b, seeds, UTILITY)
+        return sorted(set(ya) & set(yb))
+
+    def _noise(
+        self, pool: Sequence[Subset], seeds: Iterable[int], name: str
+    ) -> tuple[float, float]:
+        obs = [(s, seed, v) for s in pool for seed, v in self.series(s, seeds, name).items()]
+        return pooled_noise(obs)
+
+    def paired(
+        self,
+        a: Subset,
+        b: Subset,
+        seeds: Iterable[int],
+        name: str,
+        level: float,
+        noise: tuple[float, float] | None = None,
+    ) -> Interval:
+        """a minus b on the seeds both finished, with `noise` pooled or the pair's own."""
+        ya, yb = self.series(a, seeds, name), self.series(b, seeds, name)
+        shared = sorted(set(ya) & set(yb))
+        diffs = [ya[s] - yb[s] for s in shared]
+        if noise is not None and not (math.isfinite(noise[0]) and noise[1] > 0):
+            noise = None
+        return paired_interval(diffs, level, noise)
+
+    def alone(self, j: int) -> Comparison | None:
+        """j alone against the baseline on the screening seeds (noise pooled over screening)."""
+        if not hasattr(self, "_alone"):
+            self._alone: dict[int, Comparison | None] = {}
+        if j not in self._alone:
+            seeds = self.rnd.seeds
+            single, base = frozenset({j}), frozenset()
+            pool = list(dict.fromkeys(p.subset for p in self.points.values() if p.batch == 0))
+            noise = self._noise(pool, seeds, UTILITY)
+            iv = self.paired(single, base, seeds, UTILITY, SCREEN_LEVEL, noise)
+            if iv.n == 0:
+                self._alone[j] = None
+            else:
+                v = verdict(iv, self.min_effect, final=True)
+                shared = self._shared(single, base, seeds)
+                self._alone[j] = Comparison(
+                    "alone", j, single, base, shared, iv, v, pool, list(seeds)
+                )
+        return self._alone[j]
+
+    def guard_checks(
+        self, subset: Subset, seeds: Iterable[int], level: float = SCREEN_LEVEL
+    ) -> list[GuardCheck]:
+        """Each guardrail of `subset` against the baseline, from their own paired margins."""
+        out = []
+        for g in self.rnd.guardrails:
+            sign = 1.0 if g.direction == "max" else -1.0
+            ya = self.series(subset, seeds, g.metric)
+            yb = self.series(frozenset(), seeds, g.metric)
+            margins = guard_margins(g.kind, g.threshold, sign, ya, yb)
+            iv = paired_interval(margins, level)
+            state: GuardState = "held" if iv.low >= 0 else "breached" if iv.high < 0 else "open"
+            out.append(GuardCheck(g, iv, state, sorted(set(ya) & set(yb))))
+        return out
 
     # ------------------------------------------------------------------ runs
 
@@ -411,6 +857,18 @@ class _Session:
             runs[k] = run
         return runs
 
+    def _done(self, key: str) -> bool:
+        """Has this run finished? (Finished runs never change, so their metrics are cached.)"""
+        if key not in self._metrics:
+            run = self.store.get(key)
+            if run is None or run.status != "done" or run.metrics is None:
+                return False
+            self._metrics[key] = dict(run.metrics)
+        return True
+
+    def _used_seeds(self) -> set[int]:
+        return {p.seed for p in self.points.values()} | set(self.rnd.confirm_list or [])
+
     def measured(self) -> set[Subset]:
         runs = self._runs(list(self.points))
         return {p.subset for p in self.points.values() if runs[p.key].status == "done"}
@@ -450,28 +908,64 @@ class _Session:
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False)
 
+    def _measure_culprits(self, conf: Confirmation, fits: dict[str, EffectsFit]) -> None:
+        """For each contribution shown to hurt inside the final recipe, run it paired with the
+        member the model suspects most (on the screening seeds, beside their runs alone), so
+        the conflict is named with a measured interaction, not a modelled one."""
+        util = UtilityDraws(fits, self.objectives)
+        pairs = []
+        for j, c in sorted(conf.tested.items()):
+            if c.verdict != "harm":
+                continue
+            others = sorted(conf.final - {j})
+            if not others:
+                continue
+            gamma = {y: util({j, y})[0] - util({j})[0] - util({y})[0] for y in others}
+            y = min(others, key=lambda k: (gamma[k], k))
+            if gamma[y] < 0:
+                pairs.append(frozenset({j, y}))
+        pairs = list(dict.fromkeys(pairs))
+        if not pairs:
+            return
+        if self.used + self.cost(pairs, self.rnd.seeds) > self.rnd.spec.budget:
+            self.notes.append("no budget left to measure the interactions behind conflicts")
+            return
+        self.run_batch("interaction", pairs, self.rnd.seeds)
+
+    def interaction(self, i: int, y: int, name: str) -> Interval | None:
+        """y(i+y) - y(i) - y(y) + y(baseline), per screening seed, with the screening noise."""
+        seeds = self.rnd.seeds
+        parts = [frozenset({i, y}), frozenset({i}), frozenset({y}), frozenset()]
+        values = [self.series(s, seeds, name) for s in parts]
+        shared = sorted(set.intersection(*(set(v) for v in values)))
+        if not shared:
+            return None
+        contrast = [values[0][s] - values[1][s] - values[2][s] + values[3][s] for s in shared]
+        pool = list(dict.fromkeys(p.subset for p in self.points.values() if p.batch == 0))
+        noise = self._noise(pool, seeds, name)
+        if not (math.isfinite(noise[0]) and noise[1] > 0):
+            return paired_interval(contrast, SCREEN_LEVEL)
+        return paired_interval(contrast, SCREEN_LEVEL, noise, terms=4)
+
     def _result(
-        self,
-        views: Views,
-        choice: Choice,
-        chosen: Subset,
-        final: Subset,
-        demoted: list[int],
-        stopped: str,
-        confirm_seeds: list[int],
+        self, views: Views, choice: Choice, chosen: Subset, conf: Confirmation, stopped: str
     ) -> RoundResult:
         rnd, ids = self.rnd, self.rnd.ids
         runs = self._runs(list(self.points))
-        ev = _Evidence(rnd, views, self.points, runs, final)
+        ev = _Evidence(self, views, conf, runs)
         decisions = [ev.decide(i) for i in range(self.n)]
+        selected = frozenset(i for i in range(self.n) if decisions[i]["status"] == "accepted")
+        ev.final = selected
         credit = ev.credit()
         status = [runs[p.key] for p in self.points.values()]
+        plan = conf.plan
         decision = {
             "round": rnd.name,
             "round_file": str(rnd.file),
             "baseline": str(rnd.baseline_path),
-            "selected": [ids[i] for i in sorted(final)],
+            "selected": [ids[i] for i in sorted(selected)],
             "shelved": {d["id"]: d["reason"] for d in decisions if d["status"] == "shelved"},
+            "undecided": {d["id"]: d["reason"] for d in decisions if d["status"] == "undecided"},
             "decisions": decisions,
             "credit": {
                 ids[i]: {metric: table[i].shapley.estimate for metric, table in credit.items()}
@@ -486,11 +980,16 @@ class _Session:
                 "total": len(status),
                 "budget": rnd.spec.budget,
             },
-            "predicted": ev.predicted(final),
+            "predicted": ev.predicted(selected),
             "objectives": [
                 {"metric": o.name, "direction": o.direction, "weight": o.weight, "scale": o.scale}
                 for o in rnd.objectives
             ],
+            "scales": {o.name: o.scale for o in self.objectives},
+            "min_effect": self.min_effect,
+            "level": rnd.spec.level,
+            "noise_floor": self.noise_floor,
+            "power": self.power,
             "guardrails": [
                 {
                     "metric": g.metric,
@@ -500,10 +999,24 @@ class _Session:
                 }
                 for g in rnd.guardrails
             ],
+            "guardrail_checks": ev.guardrail_checks(),
             "confirmation": {
                 "chosen": [ids[i] for i in sorted(chosen)],
-                "demoted": [ids[i] for i in demoted],
-                "seeds": confirm_seeds,
+                "final": [ids[i] for i in sorted(conf.final)],
+                "seeds": [s for b in conf.blocks for s in b],
+                "looks": plan.looks,
+                "block": plan.block,
+                "alpha": plan.alpha,
+                "levels": [plan.level_at(k) for k in range(1, plan.looks + 1)],
+                "attempts": [
+                    {
+                        "recipe": [ids[i] for i in a["recipe"]],
+                        "verdicts": {ids[m]: v for m, v in a["comparisons"].items()},
+                        "guardrails": a["guardrails"],
+                    }
+                    for a in conf.attempts
+                ],
+                "out_of_budget": conf.out_of_budget,
             },
             "pareto": [[ids[i] for i in sorted(s)] for s in choice.pareto],
             "stopped": stopped,
@@ -523,7 +1036,7 @@ class _Session:
             round=rnd,
             views=views,
             choice=choice,
-            final=final,
+            final=selected,
             batches=self.batches,
             points=list(self.points.values()),
             runs=runs,
@@ -536,204 +1049,307 @@ class _Session:
 
 
 class _Evidence:
-    """Turns the fits into decisions with reasons, and into credit."""
+    """Turns the direct comparisons into decisions with reasons and evidence, and into credit."""
 
     def __init__(
-        self,
-        rnd: Round,
-        views: Views,
-        points: Mapping[str, DesignRun],
-        runs: Mapping[str, Run],
-        final: Subset,
+        self, session: _Session, views: Views, conf: Confirmation, runs: Mapping[str, Run]
     ):
-        self.rnd, self.views, self.final = rnd, views, final
+        self.s, self.rnd, self.views, self.conf = session, session.rnd, views, conf
         self.fits = views.full
-        self.scales = {o.name: objective_scale(self.fits[o.name], o) for o in rnd.objectives}
+        self.final = conf.final
         self.notes: list[str] = []
-        self.ok_runs = dict.fromkeys(range(len(rnd.ids)), 0)
+        self.ok_runs = dict.fromkeys(range(session.n), 0)
         self.errors: dict[int, str] = {}
-        for p in points.values():
+        for p in session.points.values():
             run = runs[p.key]
             for i in p.subset:
                 if run.status == "done":
                     self.ok_runs[i] += 1
                 elif run.status == "failed" and run.error:
                     self.errors.setdefault(i, run.error)
-        n, spec = len(rnd.ids), rnd.spec
-        screen = views.screen
-        screen_util = self.util(screen)
-        alone = {i: screen_util({i}) for i in range(n)}
-        pv = {
-            i: bootstrap_p_value(d) if _estimable(screen, {i}) else math.nan
-            for i, (_, d) in alone.items()
-        }
-        found = benjamini_hochberg(pv, q=spec.fdr)
-        self.gain_alone = {i: found[i] and alone[i][0] > 0 for i in range(n)}
-        per_objective = {
-            (i, o.name): screen[o.name].main_effects[i].p_value
-            for o in rnd.objectives
-            for i in range(n)
-        }
-        self.discoveries = benjamini_hochberg(per_objective, q=spec.fdr)
-
-    def util(self, fits: Mapping[str, EffectsFit]) -> UtilityDraws:
-        """Utility on `fits`, in the units of the full fit (so views agree on the exchange)."""
-        return UtilityDraws(fits, self.rnd.objectives, self.scales)
-
-    def best_view(self, *subsets: Subset) -> tuple[dict[str, EffectsFit], bool]:
-        """The confirmation fit when it ran these recipes, else the full fit; and whether the
-        runs determine the answer at all."""
-        if self.views.confirm is not None and all(
-            _estimable(self.views.confirm, s) for s in subsets
-        ):
-            return self.views.confirm, True
-        return self.fits, all(_estimable(self.fits, s) for s in subsets)
+        self.discoveries: dict[tuple[int, str], bool] = {}
+        for i in range(session.n):
+            alone = session.alone(i)
+            for m in self.rnd.metrics:
+                iv = self._metric_interval(alone, m) if alone else None
+                self.discoveries[(i, m)] = bool(iv and (iv.low > 0 or iv.high < 0))
 
     # -- quantities
 
-    def describe_diff(self, fits: Mapping[str, EffectsFit], a: Subset, b: Subset) -> str:
-        """Per-objective change from b to a (and the utility, with several objectives)."""
-        parts = []
-        for o in self.rnd.objectives:
-            if o.weight > 0:
-                ea, da = fits[o.name].predict_delta(a)
-                eb, db = fits[o.name].predict_delta(b)
-                parts.append(f"{o.name} {_fmt(*_interval(ea - eb, da - db))}")
-        if len(parts) > 1:
-            parts.append(f"utility {_fmt(*_interval(*self.util(fits).diff(a, b)))}")
-        return "; ".join(parts)
+    def _metric_interval(self, c: Comparison, metric: str) -> Interval:
+        s = self.s
+        noise = s._noise(c.pool, c.pool_seeds, metric) if c.pool else None
+        return s.paired(c.a, c.b, c.seeds, metric, c.interval.level, noise)
+
+    def item(self, c: Comparison) -> dict[str, Any]:
+        """An evidence entry of decision.json: recipe a minus recipe b, per metric and utility."""
+        ids = self.rnd.ids
+        return {
+            "comparison": c.kind,
+            "a": [ids[i] for i in sorted(c.a)],
+            "b": [ids[i] for i in sorted(c.b)],
+            "seeds": c.seeds,
+            "level": c.interval.level,
+            "verdict": c.verdict,
+            "utility": _finite(c.interval.as_list()),
+            "metrics": {
+                m: _finite(self._metric_interval(c, m).as_list()) for m in self.rnd.metrics
+            },
+        }
+
+    def describe(self, c: Comparison) -> str:
+        """Per-objective change (and the utility, with several objectives) at c's level."""
+        parts = [
+            f"{o.name} {self._metric_interval(c, o.name).text()}"
+            for o in self.rnd.objectives
+            if o.weight > 0
+        ]
+        if len(parts) > 1 or not parts:
+            parts.append(f"utility {c.interval.text()}")
+        level = f"{100 * c.interval.level:.3g}%"
+        return "; ".join(parts) + f" ({len(c.seeds)} seeds, {level} interval)"
 
     def predicted(self, subset: Subset) -> dict[str, list[float]]:
-        """Final recipe vs baseline, from the confirmation runs when they measured it."""
-        fits, _ = self.best_view(subset)
+        """Final recipe vs baseline on the confirmation seeds, each pair's own noise (95%)."""
+        seeds = [x for b in self.conf.blocks for x in b] or self.rnd.seeds
         out = {}
-        for m in self.rnd.metrics:
-            est, draws = fits[m].predict_delta(subset)
-            out[m] = list(_interval(est, draws))
-        out[UTILITY] = list(_interval(*self.util(fits)(subset)))
+        for m in [*self.rnd.metrics, UTILITY]:
+            if not subset:
+                out[m] = [0.0, 0.0, 0.0]
+                continue
+            iv = self.s.paired(subset, frozenset(), seeds, m, 0.95)
+            out[m] = _finite(iv.as_list())
+        return out
+
+    def guardrail_checks(self) -> list[dict[str, Any]]:
+        """Each guardrail on the final recipe: held, breached or open, with the margin's interval
+        and the largest breach the runs rule out (the interval's far end)."""
+        out = []
+        for c in self.conf.guards:
+            g = c.guardrail
+            out.append(
+                {
+                    "metric": g.metric,
+                    "state": c.state,
+                    "margin": _finite(c.interval.as_list()),
+                    "level": c.interval.level,
+                    "seeds": c.seeds,
+                    "text": _guard_state_text(c),
+                }
+            )
+            if c.state == "open":
+                self.notes.append(
+                    f"guardrail on {g.metric} ({_guard_text(g)}) undecided for the final recipe: "
+                    f"{_guard_state_text(c)}"
+                )
         return out
 
     # -- decisions
 
     def decide(self, i: int) -> dict[str, Any]:
-        rnd, final = self.rnd, self.final
-        c = rnd.contributions[i]
-        base = {"id": c.id, "blind_id": rnd.blind[c.id], "area": c.area, "summary": c.summary}
-        if i in final:
-            rest = final - {i}
-            fits, _ = self.best_view(final, rest)
-            text = self.describe_diff(fits, final, rest)
-            reason = f"gain inside the final recipe (leave-one-out): {text}"
-            return {**base, "status": "accepted", "kind": "accepted", "reason": reason}
-        kind, reason = self._shelve_reason(i)
-        return {**base, "status": "shelved", "kind": kind, "reason": reason}
+        c = self.rnd.contributions[i]
+        base = {"id": c.id, "blind_id": self.rnd.blind[c.id], "area": c.area, "summary": c.summary}
+        status, kind, reason, evidence = self._verdict(i)
+        return {
+            **base,
+            "status": status,
+            "kind": kind,
+            "reason": reason,
+            "evidence": [self.item(x) for x in evidence if x.interval.n > 0],
+        }
 
-    def _shelve_reason(self, i: int) -> tuple[str, str]:
-        rnd, final, ids = self.rnd, self.final, self.rnd.ids
+    def _verdict(self, i: int) -> tuple[str, str, str, list[Comparison]]:
+        rnd, s, ids = self.rnd, self.s, self.rnd.ids
+        alone = s.alone(i)
+        alone_ev = [alone] if alone else []
         if self.ok_runs[i] == 0:
             error = self.errors.get(i, "no run finished")
-            return "failed", f"every run with it failed: {error.splitlines()[0][:300]}"
+            return (
+                "shelved",
+                "failed",
+                f"every run with it failed: {error.splitlines()[0][:300]}",
+                [],
+            )
+        tested = self.conf.tested.get(i)
+        if i in self.final and tested is not None:
+            if tested.verdict == "accept":
+                how = {
+                    "loo": "leave-one-out",
+                    "added": "measured added to it",
+                    "swap": "measured in place of its choice-group rival",
+                }[tested.kind]
+                text = self.describe(tested)
+                return (
+                    "accepted",
+                    "accepted",
+                    (
+                        f"gain inside the final recipe ({how}): {text}; min_effect "
+                        f"{s.min_effect:.3g} utility"
+                    ),
+                    [tested, *alone_ev],
+                )
+            if tested.verdict == "open":
+                return "undecided", "undecided", self._undecided(tested), [tested, *alone_ev]
         for group in rnd.groups:
-            rivals = sorted(final.intersection(group)) if i in group else []
+            rivals = sorted(self.final.intersection(group)) if i in group else []
             if rivals:
                 y = rivals[0]
                 keys = _shared_keys(rnd.contributions[i].patch, rnd.contributions[y].patch)
-                return "conflict", (
+                text = (
                     f"conflicts with {ids[y]}: both set {', '.join(keys)} (a choice group), "
                     f"and the final recipe takes {ids[y]}"
                 )
-        alone, added = frozenset({i}), final | {i}
-        screen = self.views.screen
-        checks = [(screen if _estimable(screen, alone) else self.fits, alone, "alone")]
-        fits_added, known = self.best_view(added)
-        if known:
-            checks.append((fits_added, added, "added to the final recipe"))
-        for fits, subset, where in checks:
-            broken = self._broken_guardrail(fits, subset)
-            if broken is not None:
-                g, text = broken
-                return "guardrail", (
-                    f"regresses {g.metric} beyond its guardrail ({_guard_text(g)}): {text} {where}"
-                )
-        alone_text = self.describe_diff(screen, alone, frozenset())
-        if not self.gain_alone[i]:
-            _, draws = self.util(screen)(alone)
-            if np.quantile(draws, 0.975) < 0:
-                return "no_gain", f"no gain, a net loss: {alone_text} alone"
-            return "no_gain", f"no measurable gain: {alone_text} alone"
-        _, draws = self.util(fits_added).diff(added, final)
-        basis = "" if known else " (model prediction: that recipe was not run)"
-        change = self.describe_diff(fits_added, added, final)
-        if _excludes_zero(draws) and np.median(draws) < 0:
-            culprit = self._culprit(i)
-            if culprit is not None:
-                y, gamma = culprit
-                return "conflict", (
-                    f"conflicts with {ids[y]}: interaction {gamma}; added to the final recipe: "
-                    f"{change}{basis}"
-                )
-            return "conflict", f"conflicts with the final recipe: added to it: {change}{basis}"
-        if _excludes_zero(draws):
-            return "not_selected", (
-                f"helps alone ({alone_text}) and added to the final recipe ({change}{basis}), "
-                "but no allowed subset with it was safely better"
+                if tested is not None and tested.kind == "swap" and tested.interval.n:
+                    text += f"; swapped in for it: {self.describe(tested)}"
+                    if tested.verdict == "open":
+                        text += f" (undecided; {self._undecided(tested)})"
+                    return "shelved", "conflict", text, [tested, *alone_ev]
+                return "shelved", "conflict", text, alone_ev
+        removed = self.conf.removed.get(i, "")
+        if removed.startswith("guardrail:"):
+            metric = removed.split(":", 1)[1]
+            g = next(x for x in rnd.guardrails if x.metric == metric)
+            return (
+                "shelved",
+                "guardrail",
+                (
+                    f"regresses {metric} beyond its guardrail ({_guard_text(g)}) inside the "
+                    f"final recipe, which breaks the guardrail with it; of its members it costs "
+                    f"{metric} most"
+                ),
+                [x for x in (tested, alone) if x],
             )
-        return "vanishes", (
-            f"gain vanishes in combination: alone {alone_text}; added to the final recipe "
-            f"{change}{basis}"
+        for check in s.guard_checks(frozenset({i}), rnd.seeds):
+            if check.state == "breached":
+                g = check.guardrail
+                return (
+                    "shelved",
+                    "guardrail",
+                    (
+                        f"regresses {g.metric} beyond its guardrail ({_guard_text(g)}): "
+                        f"{_margin_text(g)} {check.interval.text()} alone, below 0 "
+                        f"({len(check.seeds)} seeds)"
+                    ),
+                    alone_ev,
+                )
+        alone_text = self.describe(alone) if alone else "not measured"
+        helps_alone = alone is not None and alone.verdict == "accept"
+        if tested is not None:
+            where = (
+                "inside the final recipe" if tested.kind == "loo" else "added to the final recipe"
+            )
+            change = self.describe(tested)
+            if tested.verdict == "open":
+                return "undecided", "undecided", self._undecided(tested), [tested, *alone_ev]
+            if tested.verdict == "harm":
+                culprit = self._culprit(i)
+                if culprit is not None:
+                    y, text, inter = culprit
+                    return (
+                        "shelved",
+                        "conflict",
+                        (f"conflicts with {ids[y]}: interaction {text}; {where}: {change}"),
+                        [tested, inter, *alone_ev],
+                    )
+                return (
+                    "shelved",
+                    "conflict",
+                    (f"conflicts with the final recipe: {where}: {change}"),
+                    [tested, *alone_ev],
+                )
+            if tested.verdict == "small":
+                return (
+                    "shelved",
+                    "too_small",
+                    (
+                        f"gain too small to keep: {where} {change}, below min_effect "
+                        f"{s.min_effect:.3g} utility"
+                    ),
+                    [tested, *alone_ev],
+                )
+            if tested.verdict == "none" and helps_alone:
+                return (
+                    "shelved",
+                    "vanishes",
+                    (f"gain vanishes in combination: alone {alone_text}; {where} {change}"),
+                    [tested, *alone_ev],
+                )
+            if tested.verdict == "none":
+                return (
+                    "shelved",
+                    "no_gain",
+                    f"no measurable gain {where}: {change}",
+                    [
+                        tested,
+                        *alone_ev,
+                    ],
+                )
+            return (
+                "shelved",
+                "not_selected",
+                (
+                    f"helps {where} ({change}) but the round ended before a recipe with it was "
+                    "confirmed"
+                ),
+                [tested, *alone_ev],
+            )
+        if alone is None:
+            return "undecided", "undecided", "undecided: it never ran alone", []
+        if helps_alone:
+            runs = 2 * s.rnd.confirm_count * self.conf.plan.looks
+            return (
+                "undecided",
+                "undecided",
+                (
+                    f"undecided: helps alone ({alone_text}) but was never measured added to the "
+                    f"final recipe (the budget ran out); about {runs} more runs would settle it"
+                ),
+                alone_ev,
+            )
+        if alone.interval.high < 0:
+            return "shelved", "no_gain", f"no gain, a net loss: {alone_text} alone", alone_ev
+        power = detectable_gain(
+            s.noise_floor.get(UTILITY, math.nan), alone.interval.df, len(alone.seeds),
+            1.0 - SCREEN_LEVEL,
+        )  # fmt: skip
+        return (
+            "shelved",
+            "no_gain",
+            (
+                f"no measurable gain: {alone_text} alone; gains above {power:.3g} utility "
+                "would have shown with 80% power"
+            ),
+            alone_ev,
         )
 
-    def _broken_guardrail(
-        self, fits: Mapping[str, EffectsFit], subset: Subset
-    ) -> tuple[Guardrail, str] | None:
-        """The guardrail most likely broken by `subset`, if any holds with too low a probability."""
-        worst: tuple[float, Guardrail] | None = None
-        for g in self.rnd.guardrails:
-            p = guardrail_probability(fits, [g], subset)
-            if p < self.rnd.spec.guardrail_prob and (worst is None or p < worst[0]):
-                worst = (p, g)
-        if worst is None:
-            return None
-        g = worst[1]
-        fit = fits[g.metric]
-        est, draws = fit.predict_delta(subset)
-        if g.kind == "ratio":
-            ratio = (fit.baseline + est) / fit.baseline
-            low, high = np.quantile(
-                (fit.baseline_draws + draws) / fit.baseline_draws, [0.025, 0.975]
-            )
-            return g, f"{ratio:.3f} [{low:.3f}, {high:.3f}] x baseline"
-        return g, f"change {_fmt(*_interval(est, draws))}"
+    def _undecided(self, c: Comparison) -> str:
+        runs = max(2, 2 * c.looks_left * self.rnd.confirm_count)
+        what = {
+            "loo": "leave-one-out inside the final recipe",
+            "added": "added to the final recipe",
+            "swap": "in place of its choice-group rival",
+        }[c.kind]
+        shown = self.describe(c) if c.interval.n else "not measured (the budget ran out)"
+        return f"undecided: {what} {shown}; about {runs} more runs would settle it"
 
-    def _culprit(self, i: int) -> tuple[int, str] | None:
-        """The final member whose identified interaction with i is most clearly harmful."""
-        util = self.util(self.fits)
-        best: tuple[float, int, str] | None = None
-        for y in sorted(self.final):
-            pair = frozenset({i, y})
-            if not _estimable(self.fits, pair):
+    def _culprit(self, i: int) -> tuple[int, str, Comparison] | None:
+        """The final member whose measured interaction with i is shown to hurt the most."""
+        best: tuple[float, int, str, Comparison] | None = None
+        for y in sorted(self.conf.final - {i}):
+            iv = self.s.interaction(i, y, UTILITY)
+            if iv is None or not iv.high < 0:
                 continue
-            e_p, d_p = util(pair)
-            e_i, d_i = util({i})
-            e_y, d_y = util({y})
-            est, draws = e_p - e_i - e_y, d_p - d_i - d_y
-            if not (_excludes_zero(draws) and est < 0):
-                continue
-            if best is None or est < best[0]:
+            if best is None or iv.estimate < best[0]:
                 text = "; ".join(
-                    f"{o.name} {_fmt(*self._interaction(o.name, i, y))}"
+                    f"{o.name} {ivm.text()}"
                     for o in self.rnd.objectives
-                    if o.weight > 0
+                    if o.weight > 0 and (ivm := self.s.interaction(i, y, o.name)) is not None
                 )
-                best = (est, y, text)
-        return None if best is None else (best[1], best[2])
-
-    def _interaction(self, metric: str, i: int, y: int) -> tuple[float, float, float]:
-        fit = self.fits[metric]
-        e_p, d_p = fit.predict_delta({i, y})
-        e_i, d_i = fit.predict_delta({i})
-        e_y, d_y = fit.predict_delta({y})
-        return _interval(e_p - e_i - e_y, d_p - d_i - d_y)
+                comp = Comparison(
+                    "interaction", i, frozenset({i, y}), frozenset(), [], iv, "harm", []
+                )
+                best = (iv.estimate, y, text, comp)
+        return None if best is None else (best[1], best[2], best[3])
 
     # -- credit
 
@@ -747,7 +1363,8 @@ class _Evidence:
         out: dict[str, dict[int, Credit]] = {}
         for o in self.rnd.objectives:
             out[o.name] = credit_with_intervals(self.fits[o.name], self.final, shelved)
-        out[UTILITY] = credit_with_intervals(self.util(self.fits), self.final, shelved)
+        util = UtilityDraws(self.fits, self.s.objectives)
+        out[UTILITY] = credit_with_intervals(util, self.final, shelved)
         return out
 
     def credit_table(self, credit: Mapping[str, Mapping[int, Credit]]) -> list[dict[str, Any]]:
@@ -772,23 +1389,15 @@ class _Evidence:
         return rows
 
 
-def _excludes_zero(draws: np.ndarray) -> bool:
-    """The 95% interval shown beside a claim lies on one side of zero."""
-    low, high = np.quantile(draws, [0.025, 0.975])
-    return bool(low > 0 or high < 0)
+def _factor(o: Objective) -> float:
+    """Weight x sign / scale: one objective's share of the utility per unit of its metric."""
+    assert o.scale is not None
+    return o.weight * (1.0 if o.direction == "max" else -1.0) / o.scale
 
 
-def _estimable(fits: Mapping[str, EffectsFit], subset: Subset | set[int]) -> bool:
-    return next(iter(fits.values())).estimable(subset)
-
-
-def _interval(est: float, draws: np.ndarray) -> tuple[float, float, float]:
-    low, high = np.quantile(draws, [0.025, 0.975])
-    return float(est), float(low), float(high)
-
-
-def _fmt(est: float, low: float, high: float) -> str:
-    return f"{est:+.3g} [{low:+.3g}, {high:+.3g}]"
+def _finite(values: Sequence[float]) -> list[float | None]:
+    """JSON has no infinity: an unbounded end is written as null."""
+    return [float(v) if math.isfinite(v) else None for v in values]
 
 
 def _guard_text(g: Guardrail) -> str:
@@ -801,8 +1410,29 @@ def _guard_text(g: Guardrail) -> str:
     return f"must {better} at least {g.threshold:g}"
 
 
+def _margin_text(g: Guardrail) -> str:
+    """What the guardrail's margin is, in words (>= 0 where it holds)."""
+    if g.kind == "ratio":
+        sign = "" if g.direction == "max" else "-"
+        return f"margin {sign}({g.metric} - {g.threshold:g} x baseline)"
+    return f"margin of the change in {g.metric} over the allowed {g.threshold:g}"
+
+
+def _guard_state_text(c: GuardCheck) -> str:
+    g, iv = c.guardrail, c.interval
+    text = f"{_margin_text(g)} {iv.text()} ({len(c.seeds)} seeds)"
+    if c.state == "held":
+        return f"holds: {text}"
+    if c.state == "breached":
+        return f"breached: {text}"
+    return f"{text}: the runs rule out a breach larger than {-iv.low:.3g} only"
+
+
 def _shared_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     keys = [
         k for k in a if k in b or any(k.startswith(o + ".") or o.startswith(k + ".") for o in b)
     ]
     return sorted(keys) or sorted(a)
+
+
+__all__ = ["RoundResult", "fmt", "integrate"]

@@ -50,12 +50,18 @@ def all_in_variants(n: int, groups: Sequence[Sequence[int]]) -> list[Subset]:
 
 
 def screening_design(n: int, groups: Sequence[Sequence[int]]) -> list[Subset]:
-    """Baseline, each alone, the all-in variants and their leave-one-outs (no repeats)."""
+    """Baseline, each alone, the all-in variants and leave-one-outs (no repeats).
+
+    The first all-in variant gets every leave-one-out; the others only those of their
+    choice-group members (the rest would measure the free contributions a second time, in a
+    context that differs by one group member, at the cost of a whole screening column).
+    """
     points: list[Subset] = [frozenset()]
     points += [frozenset({i}) for i in range(n)]
-    for full in all_in_variants(n, groups):
+    grouped = {i for g in groups for i in g}
+    for k, full in enumerate(all_in_variants(n, groups)):
         points.append(full)
-        points += [full - {i} for i in sorted(full)]
+        points += [full - {i} for i in sorted(full) if k == 0 or i in grouped]
     return list(dict.fromkeys(points))
 
 

@@ -43,11 +43,14 @@ def recipe_diff(base: Any, other: Any, prefix: str = "") -> list[tuple[str, Any,
     return []
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float | None]) -> str:
     # Sums of many float terms leave 1e-17 where the exact value is 0; show those as 0.
-    tol = 1e-9 * max((abs(v) for v in values), default=0.0)
-    est, low, high = (0.0 if abs(v) <= tol else v for v in values)
-    return f"{est:+.3g} [{low:+.3g}, {high:+.3g}]"
+    # None: an unbounded end (no noise estimate yet), written as null in decision.json.
+    tol = 1e-9 * max((abs(v) for v in values if v is not None), default=0.0)
+    est, low, high = (
+        "n/a" if v is None else f"{0.0 if abs(v) <= tol else v:+.3g}" for v in values
+    )
+    return f"{est} [{low}, {high}]"
 
 
 # --------------------------------------------------------------------------- markdown

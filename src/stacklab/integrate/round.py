@@ -16,10 +16,14 @@
     executor: {kind: local, workers: 2}     # or {kind: ray, address: "ray://head:10001"}
     store: postgresql://host/db      # optional; default: sqlite in the --out folder
 
-How sure the decision must be (defaults): `confidence: 0.9` (stop when no candidate beats
-the choice by more than `margin: 0.5` utility units with probability above 0.1; utility is
-in units of one run's noise unless objectives give a `scale`), `guardrail_prob: 0.95`,
-`fdr: 0.05` (false-discovery rate of the tests of gains) and `draws: 1000` (bootstrap).
+How sure the decision must be (defaults): `level: 0.95` (every verdict's confidence: a
+member is accepted when its gain inside the final recipe is significant at this level,
+with the error spent over the confirmation's sequential looks), `min_effect` (the smallest
+utility gain worth keeping; default half of one run's utility noise, measured on the
+screening runs), and for the search, which only proposes: `confidence: 0.9` (stop when no
+candidate beats the choice by more than `margin: 0.5` utility units with probability above
+0.1), `guardrail_prob: 0.95` and `draws: 1000` (bootstrap). Utility is in units of one
+run's noise unless objectives give a `scale`.
 
 Everything is checked when the round is loaded (baseline, every contribution file, the
 command template), so a typo fails in a second with the key and file named, not after an
@@ -162,7 +166,15 @@ class RoundSpec(_Spec):
         0.5, ge=0, description="utility differences below this are ties (stop rule)"
     )
     guardrail_prob: float = Field(0.95, gt=0, le=1, description="P(guardrails hold) required")
-    fdr: float = Field(0.05, gt=0, le=1, description="false-discovery rate across tests")
+    level: float = Field(
+        0.95, gt=0.5, lt=1, description="confidence of every verdict (alpha = 1 - level)"
+    )
+    min_effect: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="smallest utility gain worth keeping; default: half one run's utility noise",
+    )
     draws: int = Field(1000, ge=100, le=20000, description="bootstrap draws per fit")
 
     @field_validator("contributions", mode="before")
