@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from stacklab.integrate.effects import (
-    benjamini_hochberg,
     bootstrap_p_value,
     fit_effects,
 )
@@ -159,26 +158,3 @@ def test_bootstrap_p_value_by_hand():
     assert bootstrap_p_value(np.array([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.8)
     assert bootstrap_p_value(np.zeros(9)) == 1.0
     assert bootstrap_p_value(np.ones(99)) == pytest.approx(0.02)
-
-
-def test_benjamini_hochberg_by_hand():
-    # m = 4, q = 0.1: thresholds 0.025, 0.05, 0.075, 0.1. Step-up: 0.04 > 0.025 alone, but the
-    # second smallest 0.045 <= 0.05 makes both discoveries; 0.2 > 0.075 and 0.9 > 0.1 are not.
-    p = {("a", "acc"): 0.04, ("b", "acc"): 0.045, ("a", "bpb"): 0.2, ("b", "bpb"): 0.9}
-    assert benjamini_hochberg(p, q=0.1) == {
-        ("a", "acc"): True,
-        ("b", "acc"): True,
-        ("a", "bpb"): False,
-        ("b", "bpb"): False,
-    }
-    assert benjamini_hochberg({"x": 0.01, "y": 0.02, "z": 0.03, "w": 0.5}, q=0.1) == {
-        "x": True,
-        "y": True,
-        "z": True,
-        "w": False,
-    }
-    # NaN (untestable) is never a discovery and does not count: m = 1 here.
-    assert benjamini_hochberg({"x": 0.09, "y": math.nan}, q=0.1) == {"x": True, "y": False}
-    assert benjamini_hochberg({}, q=0.1) == {}
-    with pytest.raises(ValueError):
-        benjamini_hochberg({"x": 1.5})

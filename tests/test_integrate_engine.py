@@ -20,7 +20,6 @@ from stacklab.errors import StacklabError
 from stacklab.integrate.effects import fit_effects
 from stacklab.integrate.planner import (
     all_in_variants,
-    confirmation_design,
     fresh_seeds,
     propose,
     screening_design,
@@ -94,7 +93,7 @@ def test_round_loads_and_resolves(tmp_path: Path) -> None:
     assert rnd.metrics == ["quality", "latency", "agent_success"]
     assert set(rnd.blind) == set(rnd.ids) and all(b.startswith("c-") for b in rnd.blind.values())
     assert rnd.workers >= 1 and rnd.baseline.name == "tiny"
-    assert rnd.spec.margin == 0.5 and rnd.spec.fdr == 0.05
+    assert rnd.spec.margin == 0.5 and rnd.spec.level == 0.95 and rnd.spec.min_effect is None
 
 
 @pytest.mark.parametrize(
@@ -285,24 +284,22 @@ def test_screening_design_exactly() -> None:
     assert screening_design(3, []) == [
         F(), F({0}), F({1}), F({2}), F({0, 1, 2}), F({1, 2}), F({0, 2}), F({0, 1}),
     ]  # fmt: skip
-    # With a group, two all-in variants; the leave-one-outs that drop the group member
-    # coincide ({0, 3}) and are kept once.
+    # With a group, two all-in variants. The second gets only its group member's
+    # leave-one-out, which is the first variant's ({0, 3}) and is kept once: its other
+    # leave-one-outs would measure the free contributions a second time.
     design = screening_design(4, [[1, 2]])
     assert design == [
         F(), F({0}), F({1}), F({2}), F({3}),
         F({0, 1, 3}), F({1, 3}), F({0, 3}), F({0, 1}),
-        F({0, 2, 3}), F({2, 3}), F({0, 2}),
+        F({0, 2, 3}),
     ]  # fmt: skip
     assert all(len(s & {1, 2}) <= 1 for s in design)
 
 
-def test_fresh_seeds_and_confirmation_design() -> None:
+def test_fresh_seeds() -> None:
     assert fresh_seeds([0, 1, 2], 3) == [3, 4, 5]
     assert fresh_seeds([], 2) == [0, 1]
     assert fresh_seeds({7, 2}, 1) == [8]
-    assert confirmation_design(F({0, 2}), {1: 2, 3: None}) == [
-        F(), F({0, 2}), F({2}), F({0}), F({0, 1, 2}), F({0, 2, 3}), F({1, 2}),
-    ]  # fmt: skip
 
 
 def additive_runs(subsets, beta, seeds=(0, 1, 2), noise=0.01):
@@ -399,6 +396,8 @@ class _Balance(HTMLParser):
 
 REPORT_SECTIONS = (  # the report's <h2> sections, in order
     "Decisions",
+    "Noise floor and power",
+    "Guardrails on the final recipe",
     "Effects, with 95% intervals",
     "Interactions",
     "Pareto front",
@@ -407,25 +406,116 @@ REPORT_SECTIONS = (  # the report's <h2> sections, in order
 )
 
 
-def test_html_report_is_self_contained_and_balanced(tmp_path: Path) -> None:
-    """Render a report from a real (tiny) round through the engine."""
+def _balanced(page: str) -> list[str]:
+    checker = _Balance()
+    checker.feed(page)
+    return checker.errors + [f"<{tag}> never closed" for tag in checker.stack]
+
+
+@pytest.fixture(scope="module")
+def report_round(tmp_path_factory: pytest.TempPathFactory):
+    """A real (tiny) round through the engine, shared by the report tests: (result, out)."""
     from rich.console import Console
 
     from integrate_sim.scenarios import small, write_round
     from stacklab.integrate.engine import integrate
 
-    round_file = write_round(tmp_path / "r", small(), budget=80)
-    integrate(round_file, tmp_path / "out", console=Console(file=io.StringIO()))
-    page = (tmp_path / "out" / "report.html").read_text()
-    checker = _Balance()
-    checker.feed(page)
-    assert checker.errors == [] and checker.stack == []
+    root = tmp_path_factory.mktemp("report")
+    round_file = write_round(root / "r", small(), budget=80)
+    result = integrate(round_file, root / "out", console=Console(file=io.StringIO()))
+    return result, root / "out"
+
+
+def test_html_report_is_self_contained_and_balanced(report_round) -> None:
+    """Render a report from a real (tiny) round through the engine."""
+    result, out = report_round
+    d = result.decision
+    page = (out / "report.html").read_text()
+    assert _balanced(page) == []
     for section in REPORT_SECTIONS:
         assert f"<h2>{section}</h2>" in page
     assert page.count("<svg") == 3  # effects, interactions, credit (one metric: no Pareto plot)
     assert "author-of-alpha" in page and "optim.lr" in page  # credit table; a recipe diff
-    md = (tmp_path / "out" / "report.md").read_text()
+    # Decisions: one tbody each, its status coloured, and the comparisons behind it.
+    assert page.count("<tbody class='decision'>") == len(d["decisions"])
+    for row in d["decisions"]:
+        assert f"<td class='{row['status']}'>{row['status']}" in page
+    evidence = [x for row in d["decisions"] for x in row["evidence"]]
+    assert evidence and page.count("<table class='ev'>") == sum(
+        bool(row["evidence"]) for row in d["decisions"]
+    )
+    assert f"{100 * evidence[0]['level']:.3g}%" in page
+    assert "alone vs the baseline" in page  # a - b in words
+    # The rules, the noise floor and power, the confirmation plan, the guardrails.
+    assert "rests on direct seed-paired comparisons" in page
+    assert "80% power" in page and f"{d['min_effect']:.3g}" in page
+    assert f"up to {d['confirmation']['looks']} looks" in page
+    for metric, sd in d["noise_floor"].items():
+        assert f"<td>{metric}</td><td class='num'>{sd:.3g}</td>" in page
+    if d["guardrail_checks"]:
+        check = d["guardrail_checks"][0]
+        assert f"<td class='{check['state']}'>{check['state']}</td>" in page
+    # The effects picture is the model's; false-discovery control is gone.
+    assert "false-discovery" not in page and "the picture is the model's" in page.lower()
+    md = (out / "report.md").read_text()
     assert md.startswith("## Integration round `round`") and "| `beta` | optimizer | accepted" in md
+    assert "**Noise floor**" in md and "detected with 80% power on" in md
+
+
+def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
+    """An undecided contribution gets its own line and colour; null ends print as n/a."""
+    import copy
+    import dataclasses
+
+    from stacklab.integrate.report import html_page, markdown
+
+    result, _ = report_round
+    d = copy.deepcopy(result.decision)
+    row = d["decisions"][0]
+    reason = "undecided: added to the final recipe quality +0.2 [-0.4, +0.8]; about 6 more runs"
+    row.update(status="undecided", kind="undecided", reason=reason)
+    d["undecided"] = {row["id"]: reason}
+    unknown = [None, None, None]
+    row["evidence"] = [
+        {
+            "comparison": "interaction",
+            "a": [row["id"], d["decisions"][1]["id"]],
+            "b": [],
+            "seeds": [],
+            "level": 0.95,
+            "verdict": "harm",
+            "utility": [-1.0, None, None],
+            "metrics": {m: unknown for m in d["noise_floor"] if m != "utility"},
+        }
+    ]
+    d["predicted"] = {m: unknown for m in d["predicted"]}
+    d["noise_floor"] = {m: float("nan") for m in d["noise_floor"]}
+    d["power"] = {"max_seeds": 6, "detectable_gain": float("inf")}
+    d["guardrails"] = [
+        {"metric": "quality", "kind": "min_delta", "threshold": -0.01, "direction": "max"}
+    ]
+    d["guardrail_checks"] = [
+        {
+            "metric": "quality",
+            "state": "open",
+            "margin": [0.1, None, None],
+            "level": 0.95,
+            "seeds": [5],
+            "text": "margin of the change in quality over the allowed -0.01 +0.1 [n/a, n/a]",
+        }
+    ]
+    odd = dataclasses.replace(result, decision=d)
+    page = html_page(odd)
+    assert _balanced(page) == []
+    assert "<b class='undecided'>Undecided</b>" in page
+    assert "<td class='undecided'>undecided" in page and ".undecided,.open{color:" in page
+    assert "together, beyond the sum of each alone" in page
+    assert "-1 [n/a, n/a]" in page and "+0.1 [n/a, n/a]" in page
+    assert "<td>may fall at most 0.01</td><td class='open'>open</td>" in page
+    assert "detected with 80% power on 6 confirmation seeds" in page and "nan" not in page
+    md = markdown(odd)
+    assert f"- `{row['id']}`: added to the final recipe" in md
+    assert "above n/a utility" in md and "quality n/a" in md
 
 
 def test_relative_out_works_from_another_folder(tmp_path: Path, monkeypatch) -> None:

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -117,21 +118,140 @@ def scenario_index(result, cid: str) -> int:
 
 @pytest.mark.slow
 def test_recovery_rate_over_scenarios(tmp_path: Path) -> None:
-    """Other effect sizes and noise draws: right subset and reasons in most scenarios.
+    """Other effect sizes and noise draws: the right subset, and reasons that are true.
 
-    At this noise the weakest gain (dedup, about 2 sd of one run) is sometimes not measurable
-    alone on 3 seeds, and is then shelved as "no measurable gain" instead of "vanishes".
+    A shelving reason names what the runs showed, and the confirmation stops as soon as a
+    verdict is decided, so several labels are right for some contributions: adding wsd to
+    the final recipe may be shown to hurt (conflict) or only shown not to help (vanishes);
+    dedup's and wsd's gains alone (2-3 sd of one run) are sometimes not measurable on 3
+    seeds (no_gain); and dedup's comparison may still be open when the budget runs out.
     """
+    allowed = {
+        "wsd": {"conflict", "vanishes", "no_gain"},
+        "dedup": {"vanishes", "no_gain", "undecided"},
+        "bigbatch": {"guardrail"},
+        "warm": {"no_gain"},
+        "dapo": {"conflict"},
+    }
     outcomes = []
     for seed in range(1, 7):
         scenario = kitchen_sink(seed=seed, noise=0.15)
         round_file = write_round(tmp_path / f"r{seed}", scenario, budget=200)
         d = integrate(round_file, tmp_path / f"out{seed}", console=quiet()).decision
-        best = set(d["selected"]) == scenario.best
-        outcomes.append((best, shelved_kinds(d) == scenario.kinds, d["runs"]["total"]))
+        kinds = {x["id"]: x["kind"] for x in d["decisions"] if x["status"] != "accepted"}
+        true = all(kinds.get(c) in ok for c, ok in allowed.items())
+        outcomes.append((set(d["selected"]) == scenario.best, true, d["runs"]["total"]))
     assert sum(best for best, _, _ in outcomes) >= 5, outcomes
-    assert sum(reasons for _, reasons, _ in outcomes) >= 4, outcomes
+    assert sum(true for _, true, _ in outcomes) >= 5, outcomes
     assert max(n for _, _, n in outcomes) <= 200
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def two_gains_and_nulls(noise: float, small_gain: float = 0.0) -> Scenario:
+    """alpha and beta help (1.0 and 0.8 quality), gamma and delta do nothing; `small_gain`
+    gives delta a real but small effect. Quality has scale 1: utility units are its units."""
+    return Scenario(
+        contributions={
+            "alpha": ("architecture", "model.qk_norm", False),
+            "beta": ("optimizer", "optim.lr", 0.006),
+            "gamma": ("optimizer", "optim.warmup_steps", 40),
+            "delta": ("optimizer", "optim.schedule", "wsd"),
+        },
+        metrics={
+            "quality": {
+                "base": 5.0,
+                "main": {"alpha": 1.0, "beta": 0.8, "gamma": 0.0, "delta": small_gain},
+                "noise": noise,
+                "seed_sd": 0.5,
+            }
+        },
+        objectives=[{"metric": "quality", "direction": "max", "scale": 1.0}],
+        best={"alpha", "beta"},
+    )
+
+
+def test_nulls_are_never_kept_and_every_verdict_has_evidence(tmp_path: Path) -> None:
+    for seed in (11, 12):
+        scenario = two_gains_and_nulls(noise=0.1)
+        scenario.extra["noise_seed"] = seed
+        round_file = write_round(tmp_path / f"r{seed}", scenario, budget=80)
+        d = integrate(round_file, tmp_path / f"out{seed}", console=quiet()).decision
+        assert set(d["selected"]) == {"alpha", "beta"}, d["shelved"]
+        assert d["undecided"] == {}
+        kinds = shelved_kinds(d)  # a null's gain alone can look real on 3 seeds (2.5%)
+        assert set(kinds) == {"gamma", "delta"}
+        assert set(kinds.values()) <= {"no_gain", "vanishes"}
+        for row in d["decisions"]:
+            assert row["evidence"], row
+            first = row["evidence"][0]
+            est, low, high = first["utility"]
+            if row["status"] == "accepted":  # the interval shown is the one that decided
+                assert first["comparison"] == "loo" and low > 0 and est >= d["min_effect"]
+                assert row["id"] not in first["b"] and row["id"] in first["a"]
+            elif row["kind"] == "no_gain":  # alone, or added to the final recipe with runs left
+                assert first["comparison"] in ("alone", "added") and low <= 0 <= high
+        assert d["noise_floor"]["quality"] == pytest.approx(0.1, rel=0.5)
+        assert d["confirmation"]["levels"][-1] == pytest.approx(1 - 0.75 * 0.05)
+
+
+def test_a_real_but_small_gain_is_shelved_as_too_small(tmp_path: Path) -> None:
+    """delta's gain (0.15, significant at this noise) is below the round's min_effect (0.4)."""
+    scenario = two_gains_and_nulls(noise=0.05, small_gain=0.15)
+    round_file = write_round(tmp_path / "r", scenario, budget=80, min_effect=0.4)
+    d = integrate(round_file, tmp_path / "out", console=quiet()).decision
+    assert set(d["selected"]) == {"alpha", "beta"}
+    assert d["min_effect"] == 0.4
+    assert shelved_kinds(d)["delta"] == "too_small"
+    assert d["shelved"]["delta"].startswith("gain too small to keep: alone quality +0.1")
+    assert d["shelved"]["delta"].endswith("below min_effect 0.4 utility")
+
+
+def test_too_few_runs_leave_a_verdict_undecided_and_more_runs_decide_it(tmp_path: Path) -> None:
+    """At this noise 45 runs cannot settle a 1-sd gain: it is undecided, with the runs that
+    would settle it, never "no measurable gain". Twice the runs decide it, and rightly."""
+    scenario = two_gains_and_nulls(noise=0.8)
+    scenario.extra["noise_seed"] = 3
+    small_round = write_round(tmp_path / "a", scenario, budget=45)
+    d = integrate(small_round, tmp_path / "out-a", console=quiet()).decision
+    assert d["undecided"], d["shelved"]
+    for cid, reason in d["undecided"].items():
+        assert re.search(r"^undecided: .*about \d+ more runs would settle it$", reason), reason
+        assert cid not in d["selected"] and cid not in d["shelved"]
+    big_round = write_round(tmp_path / "b", scenario, budget=400)
+    big = integrate(big_round, tmp_path / "out-b", console=quiet()).decision
+    assert big["undecided"] == {}
+    assert set(big["selected"]) == {"alpha", "beta"}
+
+
+def test_a_guardrail_is_judged_on_the_final_recipe(tmp_path: Path) -> None:
+    """fast and lean each keep 94% of speed (guardrail: 90%): either alone is fine, both
+    together keep 88%. Neither is shelved for its own cost; the recipe with both is refused."""
+    scenario = Scenario(
+        contributions={
+            "fast": ("architecture", "model.qk_norm", False),
+            "lean": ("optimizer", "optim.lr", 0.006),
+        },
+        metrics={
+            "quality": {"base": 5.0, "main": {"fast": 1.0, "lean": 0.6}, "noise": 0.05},
+            "speed": {
+                "base": 100.0,
+                "ratio": {"fast": 0.94, "lean": 0.94},
+                "noise": 0.3,
+                "seed_sd": 2.0,
+            },
+        },
+        objectives=[{"metric": "quality", "direction": "max", "scale": 1.0}],
+        guardrails=[{"metric": "speed", "kind": "ratio", "threshold": 0.9}],
+    )
+    round_file = write_round(tmp_path / "r", scenario, budget=80)
+    d = integrate(round_file, tmp_path / "out", console=quiet()).decision
+    assert d["selected"] == ["fast"]
+    assert shelved_kinds(d) == {"lean": "guardrail"}
+    assert "in combination" in d["shelved"]["lean"]
+    (check,) = d["guardrail_checks"]
+    assert check["state"] == "held" and check["margin"][1] > 0
 
 
 # --------------------------------------------------------------------------- resume
@@ -239,5 +359,5 @@ def test_round_goes_on_past_crashes_hangs_and_missing_metrics(tmp_path: Path) ->
 
 def test_budget_below_the_screening_design_is_refused(tmp_path: Path) -> None:
     round_file = write_round(tmp_path / "round", small(), budget=20)
-    with pytest.raises(RoundError, match=r"budget 20 is below .* need: 36"):
+    with pytest.raises(RoundError, match=r"budget 20 is below .* need: 39"):
         integrate(round_file, tmp_path / "out", console=quiet())

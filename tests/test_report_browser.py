@@ -196,9 +196,23 @@ PARTS_JS = """() => {
   const runTable = runs && runs.querySelector('table');
   return {
     h2: [...document.querySelectorAll('h2')].map(h => h.textContent),
-    decisionRows: rows(after('Decisions')),
+    decisionRows: (after('Decisions') || document.createElement('table'))
+                    .querySelectorAll(':scope > tbody > tr.decision').length,
     statuses: [...(after('Decisions') || document.createElement('table'))
-                 .querySelectorAll('td.accepted, td.shelved')].map(td => td.firstChild.textContent),
+                 .querySelectorAll(':scope > tbody > tr.decision > td:nth-child(4)')]
+                 .map(td => [td.className, td.firstChild.textContent]),
+    evidenceTables: (after('Decisions') || document.createElement('table'))
+                      .querySelectorAll('table.ev').length,
+    statusColours: Object.fromEntries(['accepted', 'shelved', 'undecided'].map(c => {
+      const td = document.createElement('td');
+      td.className = c;
+      document.body.appendChild(td);
+      const colour = getComputedStyle(td).color;
+      td.remove();
+      return [c, colour];
+    })),
+    guardrailStates: (after('Guardrails on the final recipe') || document.createElement('table'))
+                       .querySelectorAll('td.held, td.breached, td.open').length,
     svgs,
     runsOpen: !!(runs && runs.open),
     runsSummary: runs ? runs.querySelector('summary').textContent : '',
@@ -279,8 +293,14 @@ def test_report_renders_in_chromium(
         # The decision table: one row per contribution, with its decision.
         ids = result.round.ids
         assert parts["decisionRows"] == len(ids)
-        assert sorted(parts["statuses"]) == sorted(row["status"] for row in d["decisions"])
-        assert {"accepted", "shelved"} <= set(parts["statuses"])
+        statuses = [text for _, text in parts["statuses"]]
+        assert all(cls == text for cls, text in parts["statuses"]), parts["statuses"]
+        assert sorted(statuses) == sorted(row["status"] for row in d["decisions"])
+        assert {"accepted", "shelved"} <= set(statuses)
+        # The comparisons behind each decision, and a colour of its own for each status.
+        assert parts["evidenceTables"] == sum(bool(row["evidence"]) for row in d["decisions"])
+        assert len(set(parts["statusColours"].values())) == 3, parts["statusColours"]
+        assert parts["guardrailStates"] == len(d["guardrail_checks"]) >= 1
 
         charts = {s["label"]: s for s in parts["svgs"]}
         assert len(charts) == len(parts["svgs"]) == 7, list(charts)
@@ -295,11 +315,11 @@ def test_report_renders_in_chromium(
             chart = charts[f"{metric} ({kind} is better)"]
             assert chart["circles"] == len(ids)
             assert [t for t in chart["texts"] if t in ids] == ids
-        # Interactions: a matrix per objective, every identified pair coloured.
-        n_pairs = len(ids) * (len(ids) - 1)
+        # Interactions: a matrix per objective, every identified pair coloured (both halves).
         for metric in ("quality", "latency"):
             chart = charts[f"interactions on {metric}"]
-            assert chart["filled"] == n_pairs, chart
+            inter = result.views.full[metric].interactions.values()
+            assert chart["filled"] == 2 * sum(x.identified for x in inter) > 0, chart
             assert sum(t in ids for t in chart["texts"]) == 2 * len(ids)  # rows and columns
         # The Pareto front: every estimable candidate, the selected one labelled.
         pareto = charts["Pareto front"]

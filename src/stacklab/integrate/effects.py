@@ -24,14 +24,15 @@ Why this shape:
   the far side of zero, with the usual +1 so it is never 0. It agrees with the percentile
   interval (p < 0.05 roughly when the 95% interval excludes 0) and respects the seed pairing,
   which OLS standard errors would not under the cluster bootstrap.
-* **Many tests, one error rate.** `benjamini_hochberg` controls the false-discovery rate across
-  all contributions x objectives of a round.
+* **A guide, not a judge.** The engine uses this model to search and to credit; verdicts rest
+  on direct seed-paired comparisons (verdicts.py), because the model takes every interaction
+  it has not measured to be zero and its intervals can then miss by far.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeVar
 
@@ -210,25 +211,6 @@ def fit_effects(
         residual_df=residual_df,
         noise_sd=noise_sd,
     )
-
-
-def benjamini_hochberg(pvalues: Mapping[K, float], q: float = 0.1) -> dict[K, bool]:
-    """Discoveries at false-discovery rate `q` (Benjamini-Hochberg step-up).
-
-    NaN p-values (terms that could not be tested) are never discoveries and do not count
-    towards the number of tests.
-    """
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"q must be in (0, 1], got {q}")
-    tested = [(key, float(pv)) for key, pv in pvalues.items() if not math.isnan(pv)]
-    for key, pv in tested:
-        if not 0.0 <= pv <= 1.0:
-            raise ValueError(f"p-value of {key!r} is {pv}, not in [0, 1]")
-    tested.sort(key=lambda kv: kv[1])
-    m = len(tested)
-    cutoff = max((rank for rank, (_, pv) in enumerate(tested, 1) if pv <= rank * q / m), default=0)
-    found = {key for key, _ in tested[:cutoff]}
-    return {key: key in found for key in pvalues}
 
 
 def _check_observation(o: object, n: int, k: int) -> Observation:

@@ -94,10 +94,11 @@ from stacklab.recipe import canonical_hash
 
 MAX_BATCHES = 50  # adaptive batches; the budget normally stops a round long before
 MAX_ATTEMPTS = 6  # rounds of comparisons (each change of the final recipe starts one)
-MAX_LOOKS = 8  # blocks of confirmation seeds a comparison may get
+MAX_LOOKS = 16  # blocks of confirmation seeds a comparison may get (the budget binds first)
 CONFIRM_SHARE = 0.8  # of the budget left after screening, held back for the confirmation
 MIN_EFFECT_NOISE = 0.5  # default min_effect, in units of one run's utility noise
 PRUNE_PROB = 0.8  # model's P(gain > 0) a member needs to be confirmed without a gain alone
+POWER_TARGET = 1.5  # a last look may shelve "no gain" only if it finds this many noise sds
 SCREEN_LEVEL = 0.95  # level of the one-look screening comparisons (alone vs baseline)
 UTILITY = "utility"
 
@@ -178,7 +179,9 @@ class Confirmation:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     blocks: list[list[int]] = field(default_factory=list)
     removed: dict[int, str] = field(default_factory=dict)  # member -> why it left the recipe
+    history: dict[Subset, dict[int, Comparison]] = field(default_factory=dict)  # per recipe
     out_of_budget: bool = False
+    powered: bool = True  # the plan's last look finds gains of POWER_TARGET sds (80% power)
 
 
 @dataclass
@@ -257,13 +260,12 @@ class _Session:
     def run(self) -> RoundResult:
         rnd, spec = self.rnd, self.rnd.spec
         screen = screening_design(self.n, rnd.groups)
-        first_look = 2 + self.n  # baseline, a final recipe and a comparison per contribution
-        need = len(screen) * len(rnd.seeds) + first_look * rnd.confirm_count
+        need = len(screen) * len(rnd.seeds) + 3 * rnd.confirm_count
         if spec.budget < need:
             raise RoundError(
                 f"{rnd.file}: budget {spec.budget} is below what screening "
-                f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and one look of the "
-                f"confirmation ({first_look} recipes x {rnd.confirm_count} seeds) need: {need}"
+                f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and the smallest look of "
+                f"the confirmation (3 recipes x {rnd.confirm_count} seeds) need: {need}"
             )
         self.say(
             f"[bold]round {rnd.name}[/]: {self.n} contributions "
@@ -271,10 +273,7 @@ class _Session:
         )
         self.run_batch("screening", screen, rnd.seeds)
         self._calibrate()
-        reserve = max(
-            first_look * rnd.confirm_count,
-            round(CONFIRM_SHARE * (spec.budget - self.used)),
-        )
+        reserve = max(3 * rnd.confirm_count, round(CONFIRM_SHARE * (spec.budget - self.used)))
         self.say(f"  {reserve} runs held back for the confirmation")
 
         stopped = "confident"
@@ -423,10 +422,20 @@ class _Session:
         final = chosen
         conf = Confirmation(final=final, plan=self._plan(len(chosen) + len(self._suspects(chosen))))
         plan = conf.plan
+        u_sd = self.noise_floor[UTILITY]
+        gain = detectable_gain(u_sd, math.inf, plan.max_seeds, plan.alpha_at(plan.looks))
+        conf.powered = math.isfinite(gain) and gain <= POWER_TARGET * u_sd
         self.say(
             f"  confirmation plan: up to {plan.looks} looks of {plan.block} seeds, "
-            f"alpha {plan.alpha:g} spent over the looks"
+            f"alpha {plan.alpha:g} spent over the looks; gains above {gain:.3g} detected "
+            "with 80% power"
         )
+        if not conf.powered:
+            self.notes.append(
+                f"the budget left pays for {plan.max_seeds} confirmation seeds, which find only "
+                f"gains above {gain:.3g} utility with 80% power ({gain / u_sd:.2g} noise sds): "
+                "a comparison not clear by then is left undecided rather than shelved"
+            )
         seen: set[Subset] = {final}
         measured: set[int] = set()  # members and add-ones measured around this final recipe
         for attempt in range(MAX_ATTEMPTS):
@@ -441,6 +450,7 @@ class _Session:
             if not comps:  # not even one look could be paid for
                 break
             measured |= set(comps)
+            conf.history.setdefault(final, {}).update(comps)
             for c in comps.values():
                 conf.tested[c.member] = c
             conf.attempts.append(
@@ -455,7 +465,9 @@ class _Session:
                 if conf.out_of_budget:
                     break
                 continue
-            if change in seen:
+            if change in seen:  # back to a recipe measured before: its evidence stands
+                final = change
+                conf.tested.update(conf.history.get(final, {}))
                 break
             seen.add(change)
             first = [frozenset(), change, *(change - {i} for i in change)]
@@ -576,7 +588,8 @@ class _Session:
             noise = self._noise(pool, seeds, UTILITY)
             alpha = plan.alpha_at(look)
             evaluate = dict.fromkeys(sorted(open_), alpha)
-            verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, look == plan.looks)
+            last = look == plan.looks and conf.powered
+            verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, last)
                         for m in evaluate}  # fmt: skip
             still = {m for m, (_, v) in verdicts.items() if v == "open"}
             if look < plan.looks and (still or guards_open):
@@ -645,7 +658,16 @@ class _Session:
         the weakest goes and the rest are measured again. A shown guardrail breach takes out
         the member that costs the guarded metric most inside the recipe.
         """
-        adds = [c for c in comps.values() if c.kind != "loo" and c.verdict == "accept"]
+        adds = []
+        for c in comps.values():
+            if c.kind == "loo" or c.verdict != "accept":
+                continue
+            seeds = [x for b in conf.blocks for x in b]
+            broken = [g for g in self.guard_checks(c.a, seeds) if g.state == "breached"]
+            if broken:  # it helps, but the recipe with it breaks a guardrail
+                conf.removed[c.member] = f"guardrail:{broken[0].guardrail.metric}"
+                continue
+            adds.append(c)
         if adds:
             best = max(adds, key=lambda c: (c.interval.estimate, -c.member))
             return best.a
@@ -988,8 +1010,8 @@ class _Session:
             "scales": {o.name: o.scale for o in self.objectives},
             "min_effect": self.min_effect,
             "level": rnd.spec.level,
-            "noise_floor": self.noise_floor,
-            "power": self.power,
+            "noise_floor": {m: _finite([v])[0] for m, v in self.noise_floor.items()},
+            "power": {k: _finite([v])[0] for k, v in self.power.items()},
             "guardrails": [
                 {
                     "metric": g.metric,
@@ -1084,6 +1106,21 @@ class _Evidence:
     def item(self, c: Comparison) -> dict[str, Any]:
         """An evidence entry of decision.json: recipe a minus recipe b, per metric and utility."""
         ids = self.rnd.ids
+        if c.kind == "interaction":  # y(i+y) - y(i) - y(y) + y(baseline) on screening seeds
+            i, y = sorted(c.a)
+            metrics = {}
+            for m in self.rnd.metrics:
+                iv = self.s.interaction(i, y, m)
+                metrics[m] = _finite(iv.as_list()) if iv else [None, None, None]
+            return {
+                "comparison": c.kind,
+                "pair": [ids[i], ids[y]],
+                "seeds": c.seeds,
+                "level": c.interval.level,
+                "verdict": c.verdict,
+                "utility": _finite(c.interval.as_list()),
+                "metrics": metrics,
+            }
         return {
             "comparison": c.kind,
             "a": [ids[i] for i in sorted(c.a)],
@@ -1213,9 +1250,8 @@ class _Evidence:
                 "shelved",
                 "guardrail",
                 (
-                    f"regresses {metric} beyond its guardrail ({_guard_text(g)}) inside the "
-                    f"final recipe, which breaks the guardrail with it; of its members it costs "
-                    f"{metric} most"
+                    f"regresses {metric} beyond its guardrail ({_guard_text(g)}) in "
+                    "combination: the final recipe with it breaks the guardrail"
                 ),
                 [x for x in (tested, alone) if x],
             )
@@ -1308,6 +1344,16 @@ class _Evidence:
             )
         if alone.interval.high < 0:
             return "shelved", "no_gain", f"no gain, a net loss: {alone_text} alone", alone_ev
+        if alone.verdict == "small":
+            return (
+                "shelved",
+                "too_small",
+                (
+                    f"gain too small to keep: alone {alone_text}, below min_effect "
+                    f"{s.min_effect:.3g} utility"
+                ),
+                alone_ev,
+            )
         power = detectable_gain(
             s.noise_floor.get(UTILITY, math.nan), alone.interval.df, len(alone.seeds),
             1.0 - SCREEN_LEVEL,
@@ -1345,8 +1391,11 @@ class _Evidence:
                     for o in self.rnd.objectives
                     if o.weight > 0 and (ivm := self.s.interaction(i, y, o.name)) is not None
                 )
+                seeds = [
+                    x for x in self.rnd.seeds if x in self.s.series(frozenset({i, y}), [x], UTILITY)
+                ]
                 comp = Comparison(
-                    "interaction", i, frozenset({i, y}), frozenset(), [], iv, "harm", []
+                    "interaction", i, frozenset({i, y}), frozenset(), seeds, iv, "harm", []
                 )
                 best = (iv.estimate, y, text, comp)
         return None if best is None else (best[1], best[2], best[3])

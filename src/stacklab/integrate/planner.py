@@ -19,11 +19,8 @@ Why this shape:
   comparison (the effects model gives each seed its own intercept), and a recipe+seed is
   never run twice, so new information about a recipe needs new seeds, and the baseline is
   never compared through stale numbers.
-* **Confirmation.** The chosen subset and the baseline on confirmation seeds, leave-one-out
-  inside the chosen subset (is every member still pulling its weight?), and for every
-  contribution left out despite a clear gain alone, the chosen subset plus it (does its gain
-  vanish, or does it conflict?) and the pair with its likeliest culprit (who does it conflict
-  with?), so each decision is backed by runs, not only by the model.
+* **The planner only proposes.** What it chooses is confirmed (or not) by direct, seed-paired
+  comparisons on fresh seeds (engine.py, verdicts.py); nothing here decides a verdict.
 """
 
 from __future__ import annotations
@@ -160,61 +157,3 @@ def propose(
                     subsets.append(t)
                     why[t] = f"run again on new seeds: P(beats the current choice) = {p:.2f}"
     return Proposal(chosen, table, subsets, why)
-
-
-def suspects(
-    fits: Mapping[str, EffectsFit],
-    objectives: Sequence[Objective],
-    guardrails: Sequence[Guardrail],
-    chosen: Subset,
-    n: int,
-    groups: Sequence[Sequence[int]],
-    confidence: float,
-    guardrail_prob: float,
-) -> dict[int, int | None]:
-    """Contributions left out despite a clear, safe gain alone -> their likeliest culprit.
-
-    The culprit is the member of `chosen` whose interaction with it is most negative in the
-    current fit (an unidentified interaction's minimum-norm share), or None when no member's
-    interaction is negative or it is already identified by the runs.
-    """
-    util = UtilityDraws(fits, objectives)
-    fit = next(iter(fits.values()))
-    out: dict[int, int | None] = {}
-    for i in range(n):
-        if i in chosen or any(i in g and chosen.intersection(g) for g in groups):
-            continue
-        est, draws = util({i})
-        if est <= 0 or float(np.mean(draws > 0.0)) < confidence:
-            continue
-        if guardrail_probability(fits, guardrails, {i}) < guardrail_prob:
-            continue
-        culprit, worst = None, 0.0
-        for j in sorted(chosen):
-            pair = frozenset({i, j})
-            gamma = util(pair)[0] - util({i})[0] - util({j})[0]
-            if gamma < worst and not fit.estimable(pair):
-                culprit, worst = j, gamma
-        out[i] = culprit
-    return out
-
-
-def confirmation_design(chosen: Subset, culprits: Mapping[int, int | None]) -> list[Subset]:
-    """Points of the confirmation batch, most important first (a tight budget cuts the tail)."""
-    points: list[Subset] = [frozenset(), chosen]
-    points += [chosen - {i} for i in sorted(chosen)]
-    points += [chosen | {i} for i in sorted(culprits)]
-    points += [frozenset({i, j}) for i, j in sorted(culprits.items()) if j is not None]
-    return list(dict.fromkeys(points))
-
-
-def guardrail_probability(
-    fits: Mapping[str, EffectsFit], guardrails: Sequence[Guardrail], subset: Iterable[int]
-) -> float:
-    """P(every guardrail holds) for `subset`, from the joint draws (1.0 without guardrails)."""
-    ok = np.array(True)
-    for g in guardrails:
-        fit = fits[g.metric]
-        _, draws = fit.predict_delta(subset)
-        ok = ok & g.holds(draws, fit.baseline_draws)
-    return float(np.mean(ok))

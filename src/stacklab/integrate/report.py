@@ -44,19 +44,129 @@ def recipe_diff(base: Any, other: Any, prefix: str = "") -> list[tuple[str, Any,
 
 
 def _fmt(values: Sequence[float | None]) -> str:
+    """`est [low, high]`; n/a for an unknown number, plain `n/a` when nothing is known.
+
+    None (null in decision.json) is an unbounded end (no noise estimate yet) or a comparison
+    with no shared seeds; NaN and infinities mean the same and are shown the same way.
+    """
+    vals = [v if v is not None and math.isfinite(v) else None for v in values]
+    if all(v is None for v in vals):
+        return "n/a"
     # Sums of many float terms leave 1e-17 where the exact value is 0; show those as 0.
-    # None: an unbounded end (no noise estimate yet), written as null in decision.json.
-    tol = 1e-9 * max((abs(v) for v in values if v is not None), default=0.0)
-    est, low, high = (
-        "n/a" if v is None else f"{0.0 if abs(v) <= tol else v:+.3g}" for v in values
-    )
+    tol = 1e-9 * max((abs(v) for v in vals if v is not None), default=0.0)
+    est, low, high = ("n/a" if v is None else f"{0.0 if abs(v) <= tol else v:+.3g}" for v in vals)
     return f"{est} [{low}, {high}]"
+
+
+def _num(value: float | None) -> str:
+    """One plain number (a noise floor, min_effect, a detectable gain), or n/a."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}"
+
+
+def _pct(level: float | None) -> str:
+    """An interval's level as people read it: 0.998 -> 99.8%."""
+    return "n/a" if level is None or not math.isfinite(level) else f"{100 * level:.3g}%"
+
+
+def _names(ids: Sequence[str]) -> str:
+    return " + ".join(ids) or "the baseline"
+
+
+def _levels(levels: Sequence[float]) -> str:
+    """Per-look levels with runs of equal ones merged: `looks 1-7: 99.8%; look 8: 96.2%`."""
+    parts: list[str] = []
+    k = 0
+    while k < len(levels):
+        j = k
+        while j + 1 < len(levels) and _pct(levels[j + 1]) == _pct(levels[k]):
+            j += 1
+        span = f"look {k + 1}" if j == k else f"looks {k + 1}\u2013{j + 1}"
+        parts.append(f"{span}: {_pct(levels[k])}")
+        k = j + 1
+    return "; ".join(parts)
+
+
+def _rules(d: dict[str, Any]) -> str:
+    """How verdicts are made, in plain words, with this round's numbers.
+
+    The report is read by people deciding what ships, so it says once what "accepted",
+    "shelved" and "undecided" rest on instead of leaving them to guess from the intervals.
+    """
+    conf = d.get("confirmation") or {}
+    looks, block = conf.get("looks"), conf.get("block")
+    plan = (
+        f" The confirmation looks up to {looks} times, {block} new seeds a look, and spends "
+        f"alpha {_num(conf.get('alpha'))} across the looks, so an early look needs a wider "
+        f"interval than the last ({_levels(conf.get('levels') or [])})."
+        if looks and block
+        else ""
+    )
+    return (
+        "Every verdict rests on direct seed-paired comparisons (two recipes run on the same "
+        "seeds, compared seed by seed), not on the effects model. A contribution is accepted "
+        "only when the final recipe with it beats the same recipe without it by a gain of at "
+        f"least min_effect {_num(d.get('min_effect'))} utility, shown on confirmation seeds "
+        f"that took no part in choosing.{plan} It is shelved when the comparison shows that it "
+        "hurts, that its gain is below min_effect, or no gain at the last look, and when a "
+        "breach of a guardrail by it is shown. A comparison the budget could not settle "
+        "leaves it undecided, which is not \u201cno gain\u201d; undecided contributions are "
+        "not shipped."
+    )
+
+
+def _power_line(d: dict[str, Any]) -> str:
+    power = d.get("power") or {}
+    return (
+        f"gains inside the final recipe above {_num(power.get('detectable_gain'))} utility are "
+        f"detected with 80% power on {power.get('max_seeds', 'n/a')} confirmation seeds; "
+        f"min_effect {_num(d.get('min_effect'))}"
+    )
+
+
+def _noise_line(d: dict[str, Any]) -> str:
+    return ", ".join(f"{m} {_num(sd)}" for m, sd in (d.get("noise_floor") or {}).items())
+
+
+def _undecided_reason(reason: str) -> str:
+    """The reason without its leading `undecided:`, where the list already says so."""
+    return reason.removeprefix("undecided: ")
+
+
+def _comparison_words(item: dict[str, Any]) -> str:
+    """An evidence item's `a - b` in words: the recipes compared, relative to each other."""
+    if item["comparison"] == "interaction":
+        return f"{' and '.join(item['pair'])} together, beyond the sum of each alone"
+    a, b = list(item["a"]), list(item["b"])
+    if not b:
+        return f"{_names(a)} alone vs the baseline" if len(a) == 1 else f"{_names(a)} vs baseline"
+    added = [c for c in a if c not in b]
+    removed = [c for c in b if c not in a]
+    common = [c for c in a if c in b]
+    if added and removed:
+        return f"{_names(added)} in place of {_names(removed)}, with {_names(common)}"
+    if added:
+        return f"{_names(added)} added to {_names(common)}"
+    if removed:
+        return f"{_names(removed)} taken out of {_names(b)}"
+    return f"{_names(a)} against itself"
+
+
+_VERDICT_WORDS = {
+    "accept": "gain shown",
+    "harm": "loss shown",
+    "small": "gain below min_effect",
+    "none": "no gain shown",
+    "open": "not settled",
+}
 
 
 # --------------------------------------------------------------------------- markdown
 
 
 def markdown(result: RoundResult) -> str:
+    """report.md: the decision and its evidence in a form that reads in a pull request."""
     d = result.decision
     runs = d["runs"]
     lines = [
@@ -65,8 +175,33 @@ def markdown(result: RoundResult) -> str:
         "**Selected:** "
         + (", ".join(f"`{c}`" for c in d["selected"]) or "nothing (keep the baseline)"),
         "",
-        "**Predicted change vs baseline:** "
-        + "; ".join(f"{m} {_fmt(v)}" for m, v in d["predicted"].items()),
+    ]
+    undecided = d.get("undecided") or {}
+    if undecided:
+        lines += [
+            "**Undecided** (the budget could not settle them; not shipped):",
+            "",
+            *(f"- `{c}`: {_md_cell(_undecided_reason(r))}" for c, r in undecided.items()),
+            "",
+        ]
+    lines += [
+        "**Change vs baseline** (the selected recipe, seed-paired on the confirmation seeds, "
+        "95%): " + "; ".join(f"{m} {_fmt(v)}" for m, v in d["predicted"].items()),
+        "",
+    ]
+    checks = d.get("guardrail_checks") or []
+    if checks:
+        lines += [
+            "**Guardrails on the final recipe:** "
+            + "; ".join(f"{c['metric']} {_md_cell(c['text'])}" for c in checks),
+            "",
+        ]
+    lines += [
+        f"**How verdicts are made:** {_rules(d)}",
+        "",
+        f"**Noise floor** (sd of one run after the seed effect): {_noise_line(d) or 'n/a'}.",
+        "",
+        f"**Power:** {_power_line(d)}.",
         "",
         f"Runs: {runs['executed']} executed, {runs['reused']} reused from the store, "
         f"{runs['failed']} failed, budget {runs['budget']}; stopped: {d['stopped']}.",
@@ -123,14 +258,21 @@ table{border-collapse:collapse;margin:.6em 0;width:100%}
 th,td{border:1px solid #d0d7de;padding:.3em .5em;text-align:left;vertical-align:top}
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{background:#f6f8fa;padding:0 .2em;border-radius:3px}
-.accepted{color:#1a7f37;font-weight:600}.shelved{color:#9a6700;font-weight:600}
+.accepted,.held{color:#1a7f37;font-weight:600}.shelved{color:#9a6700;font-weight:600}
+.undecided,.open{color:#8250df;font-weight:600}.breached{color:#cf222e;font-weight:600}
 .failed{color:#cf222e}.muted{color:#656d76}.small{font-size:.85em}
+tbody.decision{border-top:2px solid #afb8c1}
+tr.evidence>td{border-top:0;padding:0 .5em .4em 1.5em}
+table.ev{width:auto;margin:.1em 0;font-size:.85em}
+table.ev th,table.ev td{padding:.1em .4em}table.ev th{background:#fff;font-weight:600}
+table.ev td.num,table.ev td.nw{white-space:nowrap}
 svg{display:block;margin:.5em 0;font:11px system-ui,sans-serif}
 details{margin:.3em 0}
 """
 
 
 def html_page(result: RoundResult) -> str:
+    """report.html: one self-contained page (inline CSS and SVG, no scripts)."""
     d = result.decision
     e = html.escape
     parts = [
@@ -149,18 +291,27 @@ def html_page(result: RoundResult) -> str:
             or "nothing (keep the baseline)"
         )
         + "</p>",
+        _undecided_list(d),
         _predicted_table(d),
         "<h2>Decisions</h2>",
+        f"<p class='small'>{e(_rules(d))}</p>",
         _decision_table(d),
+        "<h2>Noise floor and power</h2>",
+        _power_section(d),
+        "<h2>Guardrails on the final recipe</h2>",
+        _guardrail_section(d),
         "<h2>Effects, with 95% intervals</h2>",
-        "<p class='muted small'>Each contribution alone vs the baseline, seed-paired, on the "
-        "screening runs; filled dots are discoveries after false-discovery control across "
-        "contributions &times; objectives, hollow ones are not.</p>",
+        "<p class='muted small'>Each contribution alone vs the baseline, as the effects model "
+        "fitted on the screening runs sees it. Filled dots: the gain or loss alone is shown by "
+        "the direct seed-paired comparison on the screening seeds (95%); hollow: not shown. "
+        "The picture is the model's; verdicts rest on the direct comparisons listed under "
+        "Decisions.</p>",
         *(_effects_svg(result, m) for m in result.round.metrics),
         "<h2>Interactions</h2>",
         "<p class='muted small'>Pairwise interaction (the change from running both beyond the "
-        "sum of their effects alone). Blank: never run together (choice groups) or not "
-        "identified by the runs.</p>",
+        "sum of their effects alone), from the effects model fitted on every run. Blank: never "
+        "run together (choice groups) or not identified by the runs. A conflict named under "
+        "Decisions rests on a measured interaction, not on this picture.</p>",
         *(_interaction_svg(result, o.name) for o in result.round.objectives),
         "<h2>Pareto front</h2>",
         _pareto_svg(result),
@@ -173,7 +324,21 @@ def html_page(result: RoundResult) -> str:
     if d["notes"]:
         parts += ["<h2>Notes</h2><ul>", *(f"<li>{e(n)}</li>" for n in d["notes"]), "</ul>"]
     parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _undecided_list(d: dict[str, Any]) -> str:
+    undecided = d.get("undecided") or {}
+    if not undecided:
+        return ""
+    items = "".join(
+        f"<li><code>{html.escape(c)}</code>: {html.escape(_undecided_reason(r))}</li>"
+        for c, r in undecided.items()
+    )
+    return (
+        "<p><b class='undecided'>Undecided</b> (the budget could not settle them; not "
+        f"shipped):</p><ul class='small'>{items}</ul>"
+    )
 
 
 def _predicted_table(d: dict[str, Any]) -> str:
@@ -182,30 +347,171 @@ def _predicted_table(d: dict[str, Any]) -> str:
         for m, v in d["predicted"].items()
     )
     return (
-        "<table style='width:auto'><tr><th>selected vs baseline</th><th>change [95%]</th></tr>"
-        f"{rows}</table>"
+        "<table style='width:auto'><tr><th>selected vs baseline</th><th>change [95%], "
+        f"seed-paired on the confirmation seeds</th></tr>{rows}</table>"
     )
 
 
 def _decision_table(d: dict[str, Any]) -> str:
+    """One tbody per contribution: its decision row, then the comparisons behind it."""
     e = html.escape
-    rows = []
+    metrics = list(
+        dict.fromkeys(
+            m for row in d["decisions"] for x in row.get("evidence", []) for m in x["metrics"]
+        )
+    )
+    groups = []
     for row in d["decisions"]:
-        rows.append(
-            f"<tr><td><code>{e(row['id'])}</code><br><span class='muted small'>"
-            f"{e(row['blind_id'])}</span></td><td>{e(row['area'])}</td>"
-            f"<td>{e(row['summary'])}</td><td class='{e(row['status'])}'>{e(row['status'])}"
+        kind = row["kind"]
+        decision = (
+            f"<td class='{e(row['status'])}'>{e(row['status'])}"
             + (
-                f"<br><span class='muted small'>{e(row['kind'])}</span>"
-                if row["kind"] != row["status"]
+                f"<br><span class='muted small'>{e(kind.replace('_', ' '))}</span>"
+                if kind != row["status"]
                 else ""
             )
             + "</td>"
+        )
+        body = (
+            f"<tr class='decision'><td><code>{e(row['id'])}</code><br>"
+            f"<span class='muted small'>{e(row['blind_id'])}</span></td>"
+            f"<td>{e(row['area'])}</td><td>{e(row['summary'])}</td>{decision}"
             f"<td>{e(row['reason'])}</td></tr>"
         )
+        if row.get("evidence"):
+            body += (
+                f"<tr class='evidence'><td colspan='5'>{_evidence_table(row, metrics)}</td></tr>"
+            )
+        groups.append(f"<tbody class='decision'>{body}</tbody>")
     return (
-        "<table><tr><th>contribution</th><th>area</th><th>summary</th><th>decision</th>"
-        f"<th>evidence</th></tr>{''.join(rows)}</table>"
+        "<table class='decisions'><thead><tr><th>contribution</th><th>area</th><th>summary</th>"
+        "<th>decision</th><th>reason</th></tr></thead>" + "".join(groups) + "</table>"
+    )
+
+
+def _evidence_table(row: dict[str, Any], metrics: Sequence[str]) -> str:
+    """The direct comparisons behind one decision, recipe a minus recipe b, at their level."""
+    e = html.escape
+    head = "".join(f"<th>{e(m)}</th>" for m in metrics)
+    rows = []
+    for item in row["evidence"]:
+        seeds = item.get("seeds") or []
+        verdict = str(item.get("verdict", ""))
+        if item["comparison"] == "interaction":
+            x, y = item["pair"]
+            exact = f"[{x} + {y}] \u2212 [{x}] \u2212 [{y}] + [baseline]"
+        else:
+            exact = f"[{_names(item['a'])}] \u2212 [{_names(item['b'])}]"
+        cells = "".join(
+            f"<td class='num'>{_fmt(item['metrics'].get(m) or [None] * 3)}</td>" for m in metrics
+        )
+        rows.append(
+            f"<tr><td class='nw'>{e(item['comparison'])}</td>"
+            f"<td title='{e(exact)}'>{e(_comparison_words(item))}</td>"
+            f"<td class='num' title='{e(', '.join(map(str, seeds)))}'>"
+            f"{len(seeds) or '&mdash;'}</td><td class='num'>{_pct(item.get('level'))}</td>"
+            f"<td class='nw'>{e(_VERDICT_WORDS.get(verdict, verdict))}</td>"
+            f"<td class='num'>{_fmt(item.get('utility') or [None] * 3)}</td>{cells}</tr>"
+        )
+    return (
+        "<table class='ev'><tr><th>comparison</th><th>a \u2212 b</th><th>seeds</th>"
+        f"<th>level</th><th>verdict</th><th>utility</th>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _power_section(d: dict[str, Any]) -> str:
+    """What the runs can resolve: the noise, min_effect, the detectable gain, the plan.
+
+    Without these a "no gain shown" reads as "no gain"; with them a reader sees how large a
+    gain the round could have missed.
+    """
+    e = html.escape
+    floor = d.get("noise_floor") or {}
+    rows = "".join(
+        f"<tr><td>{e(m)}</td><td class='num'>{_num(sd)}</td></tr>" for m, sd in floor.items()
+    )
+    scales = d.get("scales") or {}
+    objectives = {o["metric"]: o for o in d.get("objectives") or []}
+    units = "; ".join(
+        f"{m} ({objectives.get(m, {}).get('direction', 'max')}): weight "
+        f"{_num(objectives.get(m, {}).get('weight'))}, scale {_num(s)}"
+        for m, s in scales.items()
+    )
+    conf = d.get("confirmation") or {}
+    head = "<tr><th>metric</th><th>noise floor: sd of one run after the seed effect</th></tr>"
+    out = [
+        f"<table style='width:auto'>{head}{rows}</table>" if rows else "",
+        "<p>Utility: the sum over the objectives of weight &times; change / scale, signed so "
+        f"that higher is better ({e(units or 'n/a')}). min_effect, the smallest gain worth "
+        f"keeping a member for: <b>{_num(d.get('min_effect'))}</b> utility.</p>",
+        f"<p>Power: {e(_power_line(d))}.</p>",
+    ]
+    if conf.get("looks"):
+        seeds = conf.get("seeds") or []
+        out.append(
+            f"<p>Confirmation plan: up to {conf['looks']} looks &times; {conf.get('block')} "
+            f"seeds, alpha {_num(conf.get('alpha'))} spent across the looks; interval level "
+            f"per look: {e(_levels(conf.get('levels') or []))}. Used {len(seeds)} confirmation "
+            f"seeds"
+            + (", and ran out of budget" if conf.get("out_of_budget") else "")
+            + f". Chosen to confirm: {e(_names(conf.get('chosen') or []))}; final recipe "
+            f"confirmed: {e(_names(conf.get('final') or []))}.</p>"
+        )
+    attempts = conf.get("attempts") or []
+    if attempts:
+        rows = "".join(
+            f"<tr><td class='num'>{k}</td><td>{e(_names(a.get('recipe') or []))}</td>"
+            f"<td>{e(_pairs(a.get('verdicts') or {}, _VERDICT_WORDS))}</td>"
+            f"<td>{e(_pairs(a.get('guardrails') or {}, {}))}</td></tr>"
+            for k, a in enumerate(attempts, 1)
+        )
+        out.append(
+            "<table class='small'><tr><th>attempt</th><th>recipe confirmed</th><th>comparisons"
+            f"</th><th>guardrails</th></tr>{rows}</table>"
+        )
+    return "".join(out)
+
+
+def _pairs(mapping: dict[str, str], words: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {words.get(v, v)}" for k, v in mapping.items()) or "\u2014"
+
+
+def _guard_rule(g: dict[str, Any]) -> str:
+    """A guardrail as written in the round file, in words."""
+    if g.get("kind") == "ratio":
+        op = ">=" if g.get("direction") == "max" else "<="
+        return f"{op} {g['threshold']:g} x baseline"
+    worse, better = ("fall", "rise") if g.get("direction") == "max" else ("rise", "fall")
+    if g["threshold"] <= 0:
+        return f"may {worse} at most {abs(g['threshold']):g}"
+    return f"must {better} at least {g['threshold']:g}"
+
+
+def _guardrail_section(d: dict[str, Any]) -> str:
+    """Each guardrail judged on the recipe that would ship, against the baseline."""
+    e = html.escape
+    rules = {g["metric"]: g for g in d.get("guardrails") or []}
+    checks = d.get("guardrail_checks") or []
+    if not rules:
+        return "<p class='muted'>This round has no guardrails.</p>"
+    if not checks:
+        return "<p class='muted'>No guardrail was checked: no final recipe to check.</p>"
+    rows = "".join(
+        f"<tr><td>{e(c['metric'])}</td>"
+        f"<td>{e(_guard_rule(rules[c['metric']]) if c['metric'] in rules else '')}</td>"
+        f"<td class='{e(c['state'])}'>{e(c['state'])}</td>"
+        f"<td class='num'>{_fmt(c.get('margin') or [None] * 3)}</td>"
+        f"<td class='num'>{_pct(c.get('level'))}</td>"
+        f"<td class='num'>{len(c.get('seeds') or [])}</td><td>{e(c.get('text', ''))}</td></tr>"
+        for c in checks
+    )
+    return (
+        "<p class='muted small'>The recipe that would ship against the baseline, seed-paired "
+        "on the confirmation seeds; the margin is at least 0 where the guardrail holds. held: "
+        "the interval lies above 0; breached: below 0; open: neither is shown, and the text "
+        "names the largest breach the runs rule out.</p>"
+        "<table><tr><th>metric</th><th>guardrail</th><th>state</th><th>margin</th>"
+        f"<th>level</th><th>seeds</th><th>detail</th></tr>{rows}</table>"
     )
 
 
@@ -250,11 +556,19 @@ def _fit(text: str, px: float, size: float = 11.0) -> str:
 
 def _forest(
     title: str,
-    rows: Sequence[tuple[str, float, float, float, bool | None]],
+    raw: Sequence[tuple[str, float | None, float | None, float | None, bool | None]],
     color: Callable[[float], str],
 ) -> str:
-    """Horizontal interval plot: (label, estimate, low, high, filled?) per row."""
+    """Horizontal interval plot: (label, estimate, low, high, filled?) per row.
+
+    An unknown number (None, NaN, an unbounded end) draws no line or dot rather than a
+    broken one: an interval read from decision.json may have null ends.
+    """
     e = html.escape
+    rows = [
+        (label, *(math.nan if v is None else float(v) for v in (est, lo, hi)), filled)
+        for label, est, lo, hi, filled in raw
+    ]
     longest = max((_text_px(label) for label, *_ in rows), default=0.0)
     left = int(min(max(longest + 16, 120), 560))
     width, right, row_h, top = left + 540, 20, 22, 28
@@ -279,11 +593,13 @@ def _forest(
                 f'<line x1="{x(lo):.1f}" y1="{y:.1f}" x2="{x(hi):.1f}" y2="{y:.1f}" '
                 f'stroke="{c}" stroke-width="2"/>'
             )
+        if not math.isfinite(est):
+            out.append(f'<text x="{x(0) + 6:.1f}" y="{y + 4:.1f}" fill="{_NEUTRAL}">n/a</text>')
+            continue
         fill = c if filled or filled is None else "white"
         out.append(
             f'<circle cx="{x(est):.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{c}" '
-            f'stroke-width="2"><title>{e(label)}: {est:+.4g} [{lo:+.4g}, {hi:+.4g}]'
-            "</title></circle>"
+            f'stroke-width="2"><title>{e(label)}: {_fmt([est, lo, hi])}</title></circle>'
         )
     for v, label in x.ticks(_text_px):
         out.append(
