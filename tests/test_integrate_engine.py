@@ -479,8 +479,7 @@ def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
     row["evidence"] = [
         {
             "comparison": "interaction",
-            "a": [row["id"], d["decisions"][1]["id"]],
-            "b": [],
+            "pair": [row["id"], d["decisions"][1]["id"]],
             "seeds": [],
             "level": 0.95,
             "verdict": "harm",
