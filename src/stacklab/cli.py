@@ -407,13 +407,14 @@ def cmd_integrate(args: argparse.Namespace) -> int:
     for col in ("contribution", "decision", "evidence"):
         table.add_column(col)
     for row in d["decisions"]:
-        color = "green" if row["status"] == "accepted" else "yellow"
+        color = {"accepted": "green", "shelved": "yellow"}.get(row["status"], "magenta")
         table.add_row(escape(row["id"]), f"[{color}]{row['status']}[/]", escape(row["reason"]))
     console.print(table)
     runs = d["runs"]
     console.print(
-        f"selected: {', '.join(d['selected']) or 'nothing'}; runs: {runs['executed']} executed, "
-        f"{runs['reused']} reused, {runs['failed']} failed"
+        f"selected: {', '.join(d['selected']) or 'nothing'}"
+        + (f"; undecided: {', '.join(d['undecided'])}" if d.get("undecided") else "")
+        + f"; runs: {runs['executed']} executed, {runs['reused']} reused, {runs['failed']} failed"
     )
     return 0
 
