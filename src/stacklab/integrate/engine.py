@@ -327,8 +327,9 @@ class _Session:
 
         A member goes to the confirmation when the model says it adds at least min_effect
         inside the choice and, unless its gain alone is shown, the model's draws put that
-        gain above zero with probability PRUNE_PROB (a synergy partner has no gain alone; a null
-        that noise pushed into the choice has neither). The model only guides here: a member
+        gain above zero with probability PRUNE_PROB (a null that noise pushed into the choice
+        has neither), or when another member's gain leans on it (a synergy pair does nothing
+        alone, and dropping one partner drops the other's gain). The model only guides here: a member
         it keeps still has to prove itself on confirmation seeds, and one it drops is judged
         on its own runs (alone, or added back to the final recipe when its gain alone shows).
         """
@@ -337,7 +338,17 @@ class _Session:
         while current:
             fset = frozenset(current)
             gains = {i: util.diff(fset, fset - {i}) for i in sorted(fset)}
-            candidates = [i for i in sorted(fset) if self._weak(i, *gains[i])]
+
+            def partner(i: int, fset: Subset = fset) -> bool:
+                """Does another member lose min_effect of its gain without i (a synergy)?"""
+                rest = fset - {i}
+                return any(
+                    util.diff(fset, fset - {k})[0] - util.diff(rest, rest - {k})[0]
+                    >= self.min_effect
+                    for k in rest
+                )
+
+            candidates = [i for i in sorted(fset) if self._weak(i, *gains[i]) and not partner(i)]
             if not candidates:
                 break
             weakest = min(candidates, key=lambda i: (gains[i][0], i))
