@@ -21,7 +21,7 @@ from stacklab.errors import StacklabError
 console = Console()
 
 EXAMPLES = """examples:
-  stacklab demo                                  build the tiny recipe into runs/demo
+  stacklab demo                                  the demo integration round, into runs/demo
   stacklab build tiny --out runs/tiny            build a built-in recipe by name
   stacklab build my.yaml --set data.mixture.token_budget=500000 --out runs/small
   stacklab recipe tiny --set tokenizer.vocab_size=8192    show the resolved recipe
@@ -74,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the demo integration round (about 15 minutes on 2 CPU cores)",
+        help="run the demo integration round (about 18 minutes on 2 CPU cores)",
         description="Run the built-in round rounds/demo.yaml: Muon, QK-norm and a WSD "
         "schedule from the contribution catalog, on a shrunken tiny recipe "
         "(recipes/demo-baseline.yaml; the Python standard library as corpus, nothing is "
-        "downloaded). The engine plans and runs the builds, fits effects, chooses, confirms "
+        "downloaded). The engine plans and runs the builds, searches with an effects model, "
+        "confirms each member on fresh seeds "
         "and writes OUT/report.html, OUT/report.md and OUT/decision.json. Re-running resumes. "
         "To build the full tiny recipe instead: stacklab build tiny --out runs/tiny.",
     )

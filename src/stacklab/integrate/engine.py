@@ -83,7 +83,6 @@ from stacklab.integrate.runners import (
 from stacklab.integrate.select import (
     Choice,
     Objective,
-    objective_scale,
     search_candidates,
 )
 from stacklab.integrate.store import Run, RunStore, run_key
@@ -263,14 +262,20 @@ class _Session:
     def _calibrate(self) -> None:
         """Fix the utility's units, the noise floor and min_effect from the screening runs."""
         rnd = self.rnd
-        fits = self.fit(set(rnd.seeds))
-        self.objectives = [
-            replace(o, scale=objective_scale(fits[o.name], o)) for o in rnd.objectives
-        ]
         screen = [p for p in self.points.values() if self._done(p.key)]
-        for name in [*rnd.metrics, UTILITY]:
+        for name in rnd.metrics:
             obs = [(p.subset, p.seed, self.value(p.key, name)) for p in screen]
             self.noise_floor[name] = pooled_noise(obs)[0]
+
+        def unit(o: Objective) -> float:  # its own scale, else one run's noise, else 1
+            if o.scale is not None:
+                return o.scale
+            sd = self.noise_floor[o.name]
+            return sd if math.isfinite(sd) and sd > 0 else 1.0
+
+        self.objectives = [replace(o, scale=unit(o)) for o in rnd.objectives]
+        obs = [(p.subset, p.seed, self.value(p.key, UTILITY)) for p in screen]
+        self.noise_floor[UTILITY] = pooled_noise(obs)[0]
         u_sd = self.noise_floor[UTILITY]
         if rnd.spec.min_effect is not None:
             self.min_effect = rnd.spec.min_effect
@@ -329,9 +334,10 @@ class _Session:
         inside the choice and, unless its gain alone is shown, the model's draws put that
         gain above zero with probability PRUNE_PROB (a null that noise pushed into the choice
         has neither), or when another member's gain leans on it (a synergy pair does nothing
-        alone, and dropping one partner drops the other's gain). The model only guides here: a member
-        it keeps still has to prove itself on confirmation seeds, and one it drops is judged
-        on its own runs (alone, or added back to the final recipe when its gain alone shows).
+        alone, and dropping one partner drops the other's gain). The model only guides here:
+        a member it keeps still has to prove itself on confirmation seeds, and one it drops is
+        judged on its own runs (alone, or added back to the final recipe when its gain alone
+        shows).
         """
         util = UtilityDraws(fits, self.objectives)
         current = set(chosen)
