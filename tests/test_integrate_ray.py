@@ -217,7 +217,7 @@ def decision_without_paths(decision: dict[str, Any]) -> dict[str, Any]:
 def test_a_round_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None:
     rounds = {
         kind: write_round(
-            tmp_path / kind, small(), budget=24, seeds=2, confirm_seeds=2, executor=executor
+            tmp_path / kind, small(), budget=40, seeds=2, confirm_seeds=2, executor=executor
         )
         for kind, executor in [("local", {"kind": "local", "workers": 2}), ("ray", {"kind": "ray"})]
     }

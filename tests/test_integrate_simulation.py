@@ -190,8 +190,8 @@ def test_nulls_are_never_kept_and_every_verdict_has_evidence(tmp_path: Path) -> 
             if row["status"] == "accepted":  # the interval shown is the one that decided
                 assert first["comparison"] == "loo" and low > 0 and est >= d["min_effect"]
                 assert row["id"] not in first["b"] and row["id"] in first["a"]
-            elif row["kind"] == "no_gain":  # alone, or added to the final recipe with runs left
-                assert first["comparison"] in ("alone", "added") and low <= 0 <= high
+            elif row["kind"] == "no_gain":  # alone, inside the choice, or added with runs left
+                assert first["comparison"] in ("alone", "loo", "added") and low <= 0 <= high
         assert d["noise_floor"]["quality"] == pytest.approx(0.1, rel=0.5)
         assert d["confirmation"]["levels"][-1] == pytest.approx(1 - 0.75 * 0.05)
 
