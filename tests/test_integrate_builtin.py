@@ -46,7 +46,9 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     # One seed per recipe leaves no noise estimate: nothing can be shown, so nothing is
     # accepted on it (undecided, or shelved by a guardrail or a choice).
     assert d["selected"] == []
-    assert all(row["status"] in ("shelved", "undecided") and row["reason"] for row in d["decisions"])
+    assert all(
+        row["status"] in ("shelved", "undecided") and row["reason"] for row in d["decisions"]
+    )
     for name in ("decision.json", "report.md", "report.html"):
         assert (out / name).stat().st_size > 0
     # Every finished run is a real build: its own metrics, recipe and stage links.
