@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, run the demo integration round (about 13 minutes)
+#   make demo   create .venv, install, run the demo integration round (about 10-15 minutes)
 #   make test   create .venv, install, run the test suite
 #   make bench  the CPU benchmark suite (about 8 minutes), one table
 PYTHON ?= python3
