@@ -985,7 +985,10 @@ class _Session:
             "min_effect": self.min_effect,
             "level": rnd.spec.level,
             "noise_floor": {m: finite([v])[0] for m, v in self.noise_floor.items()},
-            "power": {k: finite([v])[0] for k, v in self.power.items()},
+            "power": {
+                "max_seeds": self.power["max_seeds"],
+                "detectable_gain": finite([self.power["detectable_gain"]])[0],
+            },
             "guardrails": [
                 {
                     "metric": g.metric,
