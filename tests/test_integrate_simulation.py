@@ -81,6 +81,12 @@ def test_kitchen_sink_recovers_the_best_subset_and_every_reason(tmp_path: Path) 
     assert runs["total"] <= d["runs"]["budget"] == 200
     assert runs["total"] < full_factorial_runs(scenario, 3) / 3
     assert sum(log_counts(log).values()) == runs["executed"]  # no run trained twice
+    # The search never spends the runs held back for the confirmation.
+    spent = {b["purpose"]: 0 for b in d["batches"]}
+    for b in d["batches"]:
+        spent[b["purpose"]] += b["recipes"] * len(b["seeds"])
+    reserve = d["confirmation"]["reserve"]
+    assert reserve > 0 and spent["screening"] + spent.get("adaptive", 0) + reserve <= 200
     assert max(log_counts(log).values()) == 1
 
     # decision.json contract (DESIGN.md) and the credit table: the only place for authors.

@@ -210,6 +210,7 @@ class _Session:
         self.min_effect = math.nan
         self.noise_floor: dict[str, float] = {}
         self.alpha = 1.0 - rnd.spec.level
+        self.reserve = 0  # runs held back for the confirmation, fixed when screening ends
 
     # ------------------------------------------------------------------ the round
 
@@ -230,6 +231,7 @@ class _Session:
         self.run_batch("screening", screen, rnd.seeds)
         self._calibrate()
         reserve = max(3 * rnd.confirm_count, round(CONFIRM_SHARE * (spec.budget - self.used)))
+        self.reserve = reserve
         self.say(f"  {reserve} runs held back for the confirmation")
 
         stopped = "confident"
@@ -869,11 +871,6 @@ class _Session:
         runs = self._runs(list(self.points))
         return {p.subset for p in self.points.values() if runs[p.key].status == "done"}
 
-    def _succeeded(self, seeds: set[int]) -> bool:
-        """Has any run of the design on these seeds finished?"""
-        runs = self._runs([p.key for p in self.points.values() if p.seed in seeds])
-        return any(r.status == "done" for r in runs.values())
-
     def fit(self, seeds: set[int] | None = None) -> dict[str, EffectsFit]:
         """One effects fit per metric on the done runs of the design (same runs, same order);
         `seeds` keeps only the runs on those seeds (one batch's own evidence)."""
@@ -1016,6 +1013,7 @@ class _Session:
                     for a in conf.attempts
                 ],
                 "out_of_budget": conf.out_of_budget,
+                "reserve": self.reserve,
             },
             "pareto": [[ids[i] for i in sorted(s)] for s in choice.pareto],
             "stopped": stopped,

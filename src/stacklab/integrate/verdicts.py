@@ -159,13 +159,6 @@ class SequentialPlan:
     def level_at(self, look: int) -> float:
         return 1.0 - self.alpha_at(look)
 
-    def look_of(self, n_seeds: int) -> int:
-        """The look a comparison with `n_seeds` seeds is at (the last once it reaches max_seeds)."""
-        return max(1, min(self.looks, math.ceil(n_seeds / self.block)))
-
-    def is_final(self, n_seeds: int) -> bool:
-        return n_seeds >= self.max_seeds
-
 
 def verdict(iv: Interval, min_effect: float, final: bool) -> Verdict:
     """Read a decision off a gain's interval (larger is better).
