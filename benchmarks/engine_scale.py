@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-# Recipe key, a value that differs from recipes/tiny.yaml (and the schema default), and the
+# Recipe key, a value that differs from the built-in tiny recipe (and the schema default), and the
 # area. Keys without cross-field validators, so any combination stays a valid recipe.
 KEYS: list[tuple[str, Any, str]] = [
     ("optim.lr", 0.006, "optimizer"),

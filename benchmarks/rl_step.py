@@ -43,8 +43,6 @@ from stacklab.train.optim import build_optimizer
 from stacklab.train.pretrain import deterministic
 from stacklab.train.schedule import build_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def quick_tokenizer(recipe: Any) -> Any:
     """A BPE tokenizer of the recipe's vocabulary size, trained in seconds."""
@@ -123,7 +121,7 @@ def main() -> None:
     if args.quick:
         args.repeats = 1
         overrides = [*fixed, "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16"]
-    recipe = load_recipe(ROOT / "recipes" / f"{args.recipe}.yaml", overrides)
+    recipe = load_recipe(args.recipe, overrides)  # a built-in name (tiny) or a recipe file
     cfg = recipe.rl
     tok = quick_tokenizer(recipe)
     torch.manual_seed(recipe.seed)

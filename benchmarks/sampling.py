@@ -41,8 +41,6 @@ from stacklab.model.transformer import Transformer, build_model
 from stacklab.recipe import load_recipe
 from stacklab.train.pretrain import measure_peak_flops
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def build_pair(
     recipe: str, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32
@@ -50,7 +48,7 @@ def build_pair(
     """Our model with seeded random weights and the same weights in `transformers`."""
     import transformers
 
-    r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
+    r = load_recipe(recipe)  # a built-in name (tiny) or a recipe file
     torch.manual_seed(seed)
     ours = build_model(r.model, r.tokenizer.vocab_size).eval()
     arch, fields = hf_config(r.model, r.tokenizer.vocab_size)

@@ -24,9 +24,15 @@ one warm-up step the peak-RSS counter is reset (`/proc/self/clear_refs`), one mo
 and the report gives the peak increase over the resident size before the step (activations,
 gradients, temporaries). Linux only; `--no-memory` skips it.
 
+`--device` and `--dtype` put both models, their optimizer state and the batch on that device
+in that dtype (the `transformers` model is loaded with `dtype=`); bf16 is pure bf16 training
+on both sides (no autocast, no float32 master weights), and its logits and loss are checked
+to bf16 precision (see LOGIT_TOL). The MFU peak is `measure_peak_flops` of the device
+(float32 1024² on CPU, bf16 8192² on CUDA); memory is measured on CPU only.
+
     python benchmarks/train_step.py [--quick] [--cases dense,moe8,moe64] [--batch 16]
-        [--seq 256] [--repeats 5] [--threads 2] [--activation-checkpointing] [--compile]
-        [--json PATH]
+        [--seq 256] [--repeats 5] [--threads 2] [--device cpu] [--dtype float32]
+        [--activation-checkpointing] [--compile] [--json PATH]
     python benchmarks/train_step.py --profile moe64 --batch 4 --threads 1
 """
 
@@ -77,6 +83,13 @@ CASES: dict[str, tuple[str, list[str], float]] = {
 }
 SIDES = ("ours", "ours+ac", "ours+compile", "hf", "hf+compile")
 PROBE_ROWS = 2  # rows of the batch on which the transformers settings are compared
+# The logit and loss differences accepted between the sides, per dtype. float32 rounds the
+# same sums in another order: the largest |logit difference| <= 1e-3. bf16 rounds every
+# product (2^-8 relative), and a near-tie in an MoE router can send one token to another
+# expert (on CPU: largest difference 0.19 for logits up to 3.8, mean 0.002), so there the
+# mean |logit difference| is checked.
+LOGIT_TOL = {"float32": ("max", 1e-3), "bfloat16": ("mean", 1e-2)}
+LOSS_TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 LR = 1e-4  # small: the weights hardly move, so routing stays comparable across repeats
 
 
@@ -86,38 +99,43 @@ def model_config(case: str) -> tuple[ModelConfig, int]:
     return recipe.model, recipe.tokenizer.vocab_size
 
 
-def build_ours(cfg: ModelConfig, vocab: int) -> Transformer:
-    torch.manual_seed(0)
-    return build_model(cfg, vocab).train()
+def build_ours(
+    cfg: ModelConfig, vocab: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    torch.manual_seed(0)  # the same weights on every device and dtype: built in float32
+    return build_model(cfg, vocab).to(device=device, dtype=dtype).train()
 
 
 def build_hf(cfg: ModelConfig, vocab: int, ours: Transformer) -> nn.Module:
-    """The `transformers` model of our export, loaded the way a user would load it."""
+    """The `transformers` model of our export, loaded the way a user would load it: in the
+    dtype of `ours`' weights, then moved to their device."""
     import transformers
     from safetensors.torch import save_file
 
     arch, fields = hf_config(cfg, vocab)
-    tensors = to_hf_state_dict(cfg, {k: v.detach() for k, v in ours.state_dict().items()})
+    weight = next(ours.parameters())
+    state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
+    tensors = to_hf_state_dict(cfg, state)
     config_class = {
         "Qwen3ForCausalLM": transformers.Qwen3Config,
         "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig,
         "Glm4MoeForCausalLM": transformers.Glm4MoeConfig,
     }[arch]
-    config = config_class(**fields, dtype=torch.float32)
+    config = config_class(**fields, dtype=weight.dtype)
     config.architectures = [arch]
     if arch == "Qwen3MoeForCausalLM":
         config.output_router_logits = False  # see CASES["moe64-qwen"]
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    return model.train()
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=weight.dtype)
+    return model.to(weight.device).train()
 
 
-def batch(vocab: int, rows: int, seq: int) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(1)
+def batch(vocab: int, rows: int, seq: int, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)  # drawn on CPU: the same tokens on every device
     ids = torch.randint(0, vocab, (rows, seq + 1), generator=gen)
-    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    return ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
 
 
 def ours_loss(
@@ -152,7 +170,11 @@ def make_step(
 
 
 def compiled_step(
-    model: nn.Module, loss_fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, y: Tensor
+    model: nn.Module,
+    loss_fn: Callable[..., tuple[Tensor, Tensor]],
+    x: Tensor,
+    y: Tensor,
+    loss_tol: float = LOSS_TOL["float32"],
 ) -> Callable[[], None]:
     """A training step of a `torch.compile`d copy of `model`, checked against eager first.
 
@@ -173,7 +195,7 @@ def compiled_step(
     loss.backward()
     clone.zero_grad(set_to_none=True)
     print(f"  compiled {type(model).__name__} in {time.perf_counter() - start:.0f} s", flush=True)
-    if abs(loss.item() - eager_loss) > 1e-4:
+    if abs(loss.item() - eager_loss) > loss_tol:
         raise SystemExit(f"compiled {type(model).__name__}: loss {loss.item()} != {eager_loss}")
     _reset_counts(clone)
     return make_step(clone, compiled_loss, x, y)
@@ -185,9 +207,16 @@ def _reset_counts(model: nn.Module) -> None:
         moe.expert_counts.zero_()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], None]) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -207,7 +236,13 @@ def apply_setting(model: nn.Module, attn: str, experts: str | None) -> None:
 
 
 def pick_hf_setting(
-    ours: Transformer, hf: nn.Module, x: Tensor, y: Tensor, moe: bool, quick: bool
+    ours: Transformer,
+    hf: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    moe: bool,
+    quick: bool,
+    dtype: str = "float32",
 ) -> tuple[tuple[str, str | None], dict[str, Any]]:
     """The fastest `transformers` setting whose logits and loss match ours.
 
@@ -228,10 +263,14 @@ def pick_hf_setting(
         except Exception as exc:  # a setting this device or version lacks
             results[name] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
             continue
-        diff = (logits - our_logits).abs().max().item()
+        diffs = (logits.float() - our_logits.float()).abs()
+        diff, mean_diff = diffs.max().item(), diffs.mean().item()
         loss_diff = abs(loss.item() - our_loss.item())
-        if diff > 1e-3 or loss_diff > 1e-4:
-            results[name] = f"wrong: max logit diff {diff:.2e}, loss diff {loss_diff:.2e}"
+        kind, tol = LOGIT_TOL[dtype]
+        if (diff if kind == "max" else mean_diff) > tol or loss_diff > LOSS_TOL[dtype]:
+            results[name] = (
+                f"wrong: logit diff max {diff:.2e} mean {mean_diff:.2e}, loss diff {loss_diff:.2e}"
+            )
             continue
 
         # Time forward+backward only (no optimizer: it must not move the shared weights).
@@ -240,7 +279,11 @@ def pick_hf_setting(
             hf.zero_grad(set_to_none=True)
 
         seconds = min(timed(fwd_bwd) for _ in range(1 if quick else 2))
-        results[name] = {"fwd_bwd_s": round(seconds, 4), "max_logit_diff": diff}
+        results[name] = {
+            "fwd_bwd_s": round(seconds, 4),
+            "max_logit_diff": diff,
+            "mean_logit_diff": mean_diff,
+        }
         if best is None or seconds < best[0]:
             best = (seconds, (attn, experts))
     if best is None:
@@ -313,11 +356,12 @@ def measure_memory(
 def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]:
     cfg, vocab = model_config(case)
     goal = CASES[case][2]
-    ours = build_ours(cfg, vocab)
+    dtype = getattr(torch, args.dtype)
+    ours = build_ours(cfg, vocab, args.device, dtype)
     hf = build_hf(cfg, vocab, ours)
-    x, y = batch(vocab, args.batch, args.seq)
+    x, y = batch(vocab, args.batch, args.seq, args.device)
     moe = cfg.moe.enabled
-    (attn, experts), tried = pick_hf_setting(ours, hf, x, y, moe, args.quick)
+    (attn, experts), tried = pick_hf_setting(ours, hf, x, y, moe, args.quick, args.dtype)
     apply_setting(hf, attn, experts)
     setting = f"{attn},{experts or '-'}"
 
@@ -326,13 +370,13 @@ def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]
         "hf": make_step(hf, hf_loss, x, y),
     }
     if args.activation_checkpointing:
-        ours_ac = build_ours(cfg, vocab)
+        ours_ac = build_ours(cfg, vocab, args.device, dtype)
         ours_ac.set_activation_checkpointing(True)
         sides["ours+ac"] = make_step(ours_ac, ours_loss, x, y)
     if args.compile:
         # Both sides compiled (the peer in its fastest eager setting), from the same weights.
         for name, model, loss_fn in (("ours", ours, ours_loss), ("hf", hf, hf_loss)):
-            sides[f"{name}+compile"] = compiled_step(model, loss_fn, x, y)
+            sides[f"{name}+compile"] = compiled_step(model, loss_fn, x, y, LOSS_TOL[args.dtype])
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.repeats + 1):  # the first round warms up every side
         for name, step in sides.items():
@@ -344,6 +388,8 @@ def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]
         "recipe": CASES[case][0],
         "overrides": CASES[case][1],
         "hf_class": type(hf).__name__,
+        "device": args.device,
+        "dtype": args.dtype,
         "hf_setting": {"attn_implementation": attn, "experts_implementation": experts},
         "hf_settings_tried": tried,
         "params": ours.num_params(),
@@ -373,8 +419,9 @@ def run_case(case: str, args: argparse.Namespace, peak: float) -> dict[str, Any]
     return result
 
 
-def print_table(results: list[dict[str, Any]], peak: float) -> None:
-    print(f"float32 matmul peak (1024², best of start/end): {peak / 1e9:.1f} GFLOP/s")
+def print_table(results: list[dict[str, Any]], peak: float, cuda: bool = False) -> None:
+    kind = "bf16 matmul peak (8192²" if cuda else "float32 matmul peak (1024²"
+    print(f"{kind}, best of start/end): {peak / 1e9:.1f} GFLOP/s")
     head = f"{'case':<11} {'side':<12} {'step ms':>8} {'tok/s':>8} {'MFU':>6} {'step MiB':>9}"
     print(head + f" {'ratio':>7} {'goal':>6}")
     for r in results:
@@ -409,14 +456,17 @@ def print_table(results: list[dict[str, Any]], peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="dense,moe8,moe64", help=f"of {', '.join(CASES)}")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, help="rows per step (default 16)")
+    parser.add_argument("--seq", type=int, help="tokens per row (default 256)")
+    parser.add_argument("--repeats", type=int, help="timed steps per side (default 5)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=sorted(LOGIT_TOL))
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="batch 2 x 128, 2 repeats, no memory, HF sdpa/grouped_mm only",
+        help="batch 2 x 128, 2 repeats, no memory, HF sdpa/grouped_mm only "
+        "(--batch/--seq/--repeats still apply)",
     )
     parser.add_argument(
         "--activation-checkpointing",
@@ -438,6 +488,10 @@ def main() -> None:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    quick = {"batch": 2, "seq": 128, "repeats": 2} if args.quick else {}
+    for name, default in {"batch": 16, "seq": 256, "repeats": 5}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick.get(name, default))
     if args.memory_probe:
         case, side, ac = args.memory_probe.split(":")
         print(json.dumps(memory_probe(case, side, args.batch, args.seq, ac == "1")))
@@ -446,22 +500,26 @@ def main() -> None:
         profile_step(args.profile, args.batch, args.seq)
         return
     if args.quick:
-        args.batch, args.seq, args.repeats, args.memory = 2, 128, 2, False
+        args.memory = False
+    device = torch.device(args.device)
+    if args.memory and device.type != "cpu":
+        print("step memory is measured on CPU only (peak RSS): skipped")
+        args.memory = False
     import transformers
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, float32, batch {args.batch} x {args.seq} tokens, "
-        f"AdamW both sides, median of {args.repeats}"
+        f"{torch.get_num_threads()} threads, {args.dtype} on {device}, batch {args.batch} x "
+        f"{args.seq} tokens, AdamW both sides, median of {args.repeats}"
     )
-    peak = measure_peak_flops(torch.device("cpu"))
+    peak = measure_peak_flops(device)
     results = [run_case(case, args, peak) for case in args.cases.split(",")]
-    peak = max(peak, measure_peak_flops(torch.device("cpu")))
+    peak = max(peak, measure_peak_flops(device))
     for r in results:  # MFU against the better peak
         for side in SIDES:
             if side in r:
                 r[side]["mfu"] = r["flops_per_token"] * r[side]["tokens_per_s"] / peak
-    print_table(results, peak)
+    print_table(results, peak, device.type == "cuda")
     if args.json:
         table = table_rows(results)
         args.json.write_text(
@@ -487,7 +545,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ratio": r["ratio"],
                 "goal": f">= {r['goal']}x",
                 "met": r["ratio"] >= r["goal"],
-                "note": f"MFU ours {o['mfu']:.1%}, peer {h['mfu']:.1%}",
+                "note": f"{r['dtype']} on {r['device']}; MFU ours {o['mfu']:.1%}, "
+                f"peer {h['mfu']:.1%}",
             }
         )
         if o.get("memory") and h.get("memory"):

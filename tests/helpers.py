@@ -1,10 +1,14 @@
-"""Small generated corpora and recipes shared by the end-to-end tests."""
+"""Small generated corpora and recipes shared by the end-to-end tests, and the switch that turns
+a skip for a missing service into a failure."""
 
 import json
+import os
 import random
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+import pytest
 import yaml
 
 from stacklab.data.shards import write_index, write_split
@@ -20,6 +24,15 @@ SMALL_MODEL = {
     "optim": {"warmup_steps": 5},
     "eval": {"task_problems": 16, "val_batches": 4, "max_new_tokens": 6},
 }
+
+
+def skip_or_fail(require_var: str, reason: str) -> NoReturn:
+    """Skip the test because what it needs is missing (`reason`), or fail it when the
+    environment variable `require_var` is "1": CI sets the STACKLAB_REQUIRE_* variables where
+    the service must be there, so a missing one cannot pass as a skip."""
+    if os.environ.get(require_var) == "1":
+        pytest.fail(f"{require_var}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def make_corpus(path: Path, n_docs: int = 200, seed: int = 0) -> None:

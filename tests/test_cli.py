@@ -68,6 +68,13 @@ def test_export_refusal_names_the_field(tmp_path: Path, capsys) -> None:
     assert "qk_norm" in out and not (tmp_path / "hf").exists()
 
 
-def test_eval_on_a_non_run_is_one_line_error(tmp_path: Path, capsys) -> None:
+def test_eval_and_export_on_a_non_run_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: recipe file not found: ") and out.count("\n") == 1
+    assert f"{tmp_path / 'recipe.yaml'}" in out
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
-    assert "is it a run directory" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") and out.count("\n") == 1
+    assert "is it a run directory" in out and not (tmp_path / "hf").exists()

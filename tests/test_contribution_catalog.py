@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from stacklab.integrate.contributions import apply_subset, choice_groups, load_contributions
-from stacklab.integrate.round import load_round
-from stacklab.recipe import load_recipe
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CATALOG = ROOT / "contributions"
+from stacklab.builtin import CONTRIBUTIONS_DIR as CATALOG
+from stacklab.builtin import ROUNDS_DIR
+from stacklab.integrate.contributions import apply_subset, choice_groups, load_contributions
+from stacklab.integrate.round import RoundError, load_round
+from stacklab.recipe import load_recipe
 
 
 def test_catalog_loads_with_citations_and_one_choice_group() -> None:
@@ -34,7 +35,7 @@ def test_catalog_round_validates(tmp_path: Path) -> None:
     """Every contribution changes the baseline and no two make each other redundant."""
     round_file = tmp_path / "round.yaml"
     round_file.write_text(
-        f"baseline: {ROOT / 'recipes' / 'tiny-baseline.yaml'}\n"
+        "baseline: tiny-baseline\n"
         f"contributions: [{CATALOG}]\n"
         "objectives: [{metric: val_bpb, direction: min, weight: 1.0}]\n"
         "seeds: 2\n"
@@ -46,9 +47,9 @@ def test_catalog_round_validates(tmp_path: Path) -> None:
 
 
 def test_demo_round_is_built_in() -> None:
-    """`stacklab demo` runs rounds/demo.yaml: three catalog techniques on demo-baseline."""
+    """`stacklab demo` runs the built-in round demo: three catalog techniques on demo-baseline."""
     rnd = load_round("demo")
-    assert rnd.file == (ROOT / "rounds" / "demo.yaml").resolve()
+    assert rnd.file == (ROUNDS_DIR / "demo.yaml").resolve()
     assert rnd.ids == ["muon", "qk-norm", "wsd-schedule"]
     assert rnd.baseline.name == "demo-baseline"
     assert not rnd.baseline.sft.enabled and not rnd.baseline.rl.enabled
@@ -56,3 +57,22 @@ def test_demo_round_is_built_in() -> None:
     assert "val_bpb" in rnd.metrics
     # Screening (2^3 subsets x 2 seeds) plus a confirmation batch must fit the budget.
     assert rnd.spec.budget >= 8 * len(rnd.seeds) + 3 * rnd.confirm_count
+
+
+def test_round_names_catalog_contributions(tmp_path: Path) -> None:
+    """A bare name is a file beside the round if there is one, else a built-in contribution."""
+    (tmp_path / "muon").write_text(
+        "id: my-muon\narea: optimizer\nsummary: s\nauthor: me\npatch: {optim.name: muon}\n"
+    )
+    round_file = tmp_path / "round.yaml"
+    head = "baseline: tiny-baseline\nobjectives: [{metric: val_bpb}]\nbudget: 9\n"
+    head += "runner: {kind: external, command: 'python t.py {recipe} {seed} {out}'}\n"
+    round_file.write_text(head + "contributions: [qk-norm, wsd-schedule]\n")
+    rnd = load_round(round_file)
+    assert rnd.ids == ["qk-norm", "wsd-schedule"]
+    assert rnd.contributions[0].source == CATALOG / "qk-norm.yaml"
+    round_file.write_text(head + "contributions: [muon, qk-norm]\n")
+    assert load_round(round_file).ids == ["my-muon", "qk-norm"]
+    round_file.write_text(head + "contributions: [qk-nrom]\n")
+    with pytest.raises(RoundError, match=r"'qk-nrom' is neither a file .* built-in .*qk-norm"):
+        load_round(round_file)

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from stacklab.envs.rollout import Episode
 from stacklab.model.generation import filter_logits, generate, sample_next
 from stacklab.model.transformer import build_model
-from stacklab.recipe import ModelConfig, MoEConfig
+from stacklab.recipe import ModelConfig, MoEConfig, RLConfig
+from stacklab.rl.trainer import Batch, pad_episodes, token_logprobs, update
 
 V = 97
 
@@ -121,19 +123,59 @@ def test_seeded_sampling_is_reproducible(model, prompts) -> None:
     assert sample(3) != sample(4)
 
 
-def test_logprobs_are_the_models_own_at_temperature_one(model, prompts) -> None:
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
+def test_logprobs_are_at_the_sampling_temperature(model, prompts, temperature: float) -> None:
+    """log_softmax(logits / temperature), before the top-k filter, at every sampled token."""
     gen = torch.Generator().manual_seed(0)
     out = generate(
-        model, prompts, 6, temperature=2.0, top_k=20, generator=gen, return_logprobs=True
+        model, prompts, 6, temperature=temperature, top_k=20, generator=gen, return_logprobs=True
     )
     with torch.no_grad():
         for prompt, g in zip(prompts, out, strict=True):
             chosen = g.tokens + ([g.stop_token] if g.stopped else [])
             assert len(g.logprobs) == len(chosen)
             seq = torch.tensor([prompt + chosen])
-            logp = model(seq).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+            logits = model(seq).logits[0, len(prompt) - 1 : -1]
+            logp = (logits / temperature).log_softmax(-1)
             expected = logp.gather(-1, torch.tensor(chosen)[:, None])[:, 0]
             assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-5)
+
+
+def test_greedy_logprobs_are_the_models_own(model, prompts) -> None:
+    out = generate(model, prompts, 4, stop_ids=(), return_logprobs=True)
+    with torch.no_grad():
+        for prompt, g in zip(prompts, out, strict=True):
+            logits = model(torch.tensor([prompt + g.tokens])).logits[0, len(prompt) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(g.tokens)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(g.logprobs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_sampler_logprobs_equal_the_rl_trainers(prompts, temperature: float) -> None:
+    """The RL trainer recomputes the sampled tokens' log-probs (`token_logprobs`) and logs how
+    far the sampler's own are from them (`logprob_drift`): on the same weights that is float
+    noise at any temperature, not the gap between two temperatures."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    out = generate(
+        model, prompts, 8, temperature=temperature, stop_ids=(), generator=gen, return_logprobs=True
+    )
+    episodes = [
+        Episode([], p + g.tokens, [False] * len(p) + [True] * len(g.tokens), g.logprobs)
+        for p, g in zip(prompts, out, strict=True)
+    ]
+    inputs, targets, mask, sampler_logp = pad_episodes(episodes)
+    with torch.no_grad():
+        logp, _, _ = token_logprobs(model, inputs, targets, temperature, mask)
+    assert torch.allclose(logp[mask], sampler_logp[mask], atol=1e-5)
+    # The trainer's logged drift, before any update (the optimizer's rate is 0).
+    n = len(episodes)
+    cfg = RLConfig(temperature=temperature, minibatch_size=n)
+    batch = Batch(episodes, ["tasks"] * n, torch.zeros(n), torch.zeros(n), 1, 0, 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    stats = update(model, None, optimizer, scheduler, batch, cfg, seed=0, step=1)
+    assert stats["logprob_drift"] < 1e-5
 
 
 # --------------------------------------------------------------------------- pure sampling

@@ -1,8 +1,9 @@
 """A real round through the built-in runner: `stacklab build` per run, stages shared by cache.
 
 The baseline is the demo's, shrunk to a few pretraining steps; the contributions are the
-catalog's own files. This is the demo's path end to end (round file -> builds -> metrics ->
-decision -> reports), and it checks that a second invocation resumes with nothing re-run.
+catalog's own, named as a user's round names them. This is the demo's path end to end (round
+file -> builds -> metrics -> decision -> reports), and it checks that a second invocation
+resumes with nothing re-run.
 """
 
 import json
@@ -12,14 +13,12 @@ import pytest
 
 from stacklab.integrate.engine import integrate
 
-ROOT = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.slow
 
 
 def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     (tmp_path / "nano.yaml").write_text(
-        f"base: {ROOT / 'recipes' / 'demo-baseline.yaml'}\n"
+        "base: demo-baseline\n"
         "name: nano\n"
         "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
         "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
@@ -28,8 +27,7 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     )
     (tmp_path / "round.yaml").write_text(
         "baseline: nano.yaml\n"
-        f"contributions: [{ROOT / 'contributions' / 'muon.yaml'}, "
-        f"{ROOT / 'contributions' / 'wsd-schedule.yaml'}]\n"
+        "contributions: [muon, wsd-schedule]\n"
         "objectives: [{metric: val_bpb, direction: min, weight: 1.0}]\n"
         "guardrails: [{metric: pretrain/tokens_per_s, kind: ratio, threshold: 0.01}]\n"
         "seeds: 1\n"

@@ -43,6 +43,9 @@ CASES = {
         "moe": MOE | {"router": "sigmoid", "norm_topk": False},
     },
 }
+# Ours and `transformers` agree to a few float32 ulps: at most 4.8e-7 on these models' logits
+# (|logits| < 1.5) over 20 inputs each, with 1 or 2 threads. docs/model.md quotes this bound.
+LOGITS_ATOL = 1e-6
 ARCH = {
     "dense": "Qwen3ForCausalLM",
     "dense_untied_no_default_rope": "Qwen3ForCausalLM",
@@ -97,7 +100,7 @@ def test_export_gives_the_same_logits_in_transformers(
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(ids).logits - theirs(ids).logits).abs().max().item()
-    assert diff <= 1e-4
+    assert diff <= LOGITS_ATOL
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
@@ -152,7 +155,7 @@ def test_import_reads_a_model_saved_by_transformers(case: str, tmp_path: Path) -
     ours = load_model(tmp_path / "ours").eval()
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (ours(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-4
+        assert (ours(ids).logits - theirs(ids).logits).abs().max().item() <= LOGITS_ATOL
 
 
 def test_export_writes_tokenizer_and_generation_settings(

@@ -12,7 +12,9 @@ def test_is_heldout_matches_fraction_and_is_stable():
     assert 900 < len(held) < 1100
     assert held == [i for i in ids if is_heldout(i, 0.1)]
     assert set(held) <= {i for i in ids if is_heldout(i, 0.2)}  # monotone in the fraction
-    assert is_heldout("bad\udcff name", 0.5) in (True, False)
+    # An id with a lone surrogate (from an undecodable file name) hashes its bytes as they are:
+    # sha256 of b"bad\xed\xb3\xbf name" starts 9989945503ec040f → 0.59976.
+    assert not is_heldout("bad\udcff name", 0.5997) and is_heldout("bad\udcff name", 0.5998)
 
 
 def test_is_heldout_pinned():
@@ -65,7 +67,8 @@ def test_plan_reaches_targets_and_is_deterministic():
         assert target <= tokens < target + max(lengths[name])
         assert stats.epochs == pytest.approx(tokens / sum(lengths[name]))
 
-    # big: a single epoch, no repeats; small: 4.5 epochs, each epoch a full permutation.
+    # big: under one epoch, no repeats; small: a target of 4.5 epochs' worth, reached at its
+    # 23rd document (4.6 epochs).
     big = [i for s, i in plan.order if s == "big"]
     assert len(set(big)) == len(big) and plan.sources["big"].epochs < 1
     assert plan.sources["small"].docs == 23 and plan.sources["small"].epochs == pytest.approx(4.6)

@@ -176,3 +176,41 @@ def test_base_cycle_is_an_error(tmp_path: Path) -> None:
 def test_builtin_moe_variant() -> None:
     r = load_recipe("tiny-moe")
     assert r.model.moe.enabled and r.data == load_recipe("tiny").data
+
+
+# --------------------------------------------------------------------------- RL loss settings
+
+
+@pytest.mark.parametrize(
+    ("loss", "scale"),
+    [("grpo", "group_std"), ("dr_grpo", "none"), ("dapo", "group_std"), ("cispo", "group_std")],
+)
+def test_unset_advantage_follows_the_loss(loss: str, scale: str) -> None:
+    """Dr. GRPO does not divide by the group std: unset, `rl.advantage` is the loss's own."""
+    rl = recipe_from_dict({"rl": {"loss": loss}}).rl
+    assert rl.advantage is None and rl.advantage_scale == scale
+    # Also through an override (the recipe goes through to_dict and back, as patches do).
+    over = apply_overrides(load_recipe("tiny"), [f"rl.loss={loss}"]).rl
+    assert over.advantage_scale == scale
+    # An explicit choice the loss allows is kept.
+    chosen = recipe_from_dict({"rl": {"loss": loss, "advantage": "batch_std"}}).rl
+    assert chosen.advantage_scale == "batch_std"
+
+
+def test_dr_grpo_refuses_group_std_advantages() -> None:
+    with pytest.raises(RecipeError, match=r"rl\.advantage 'group_std'.*dr_grpo.*none, batch_std"):
+        recipe_from_dict({"rl": {"loss": "dr_grpo", "advantage": "group_std"}})
+    with pytest.raises(RecipeError, match=r"rl\.advantage 'group_std'.*dr_grpo"):
+        apply_overrides(Recipe(), ["rl.loss=dr_grpo", "rl.advantage=group_std"])
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo"])
+def test_eps_high_is_refused_where_the_loss_ignores_it(loss: str) -> None:
+    with pytest.raises(RecipeError, match=rf"rl\.eps_high is unused by rl\.loss '{loss}'.*dapo"):
+        recipe_from_dict({"rl": {"loss": loss, "eps_high": 0.28}})
+    assert recipe_from_dict({"rl": {"loss": loss, "eps_low": 0.1}}).rl.eps_low == 0.1
+
+
+@pytest.mark.parametrize("loss", ["dapo", "gspo", "cispo"])
+def test_eps_high_is_kept_where_the_loss_reads_it(loss: str) -> None:
+    assert recipe_from_dict({"rl": {"loss": loss, "eps_high": 0.3}}).rl.eps_high == 0.3

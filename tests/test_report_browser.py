@@ -7,8 +7,10 @@ picture (not blank). Needs the `playwright` Python package and a Chromium binary
 (/usr/bin/chromium, or STACKLAB_CHROMIUM); skipped without them, unless
 STACKLAB_REQUIRE_BROWSER=1, which turns a missing browser into a failure (CI sets it).
 
-STACKLAB_REPORT_PNG=PATH also saves a screenshot of the top of the page there (how
-docs/img/report.png is made).
+STACKLAB_REPORT_PNG=PATH also saves a screenshot of the top of the page there, to look at. That
+page is this test's round (four made-up contributions, a stand-in trainer), not the demo's:
+docs/img/report.png, which the README shows, is a screenshot of the demo round's
+runs/demo/report.html, and no test makes it.
 """
 
 from __future__ import annotations

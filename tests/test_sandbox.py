@@ -1,5 +1,10 @@
-"""The Python sandbox: every way model-written code can misbehave comes back as a result."""
+"""The Python sandbox: every way model-written code can misbehave comes back as a result.
 
+The tests that run code in the jail need root on Linux. Elsewhere they skip, unless
+STACKLAB_REQUIRE_SANDBOX=1 (CI), which turns a jail that cannot run into a failure.
+"""
+
+import json
 import os
 import sys
 import tempfile
@@ -9,15 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from helpers import skip_or_fail
 from stacklab.envs import sandbox
 from stacklab.envs.sandbox import NOBODY, SandboxResult, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
-needs_jail = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or os.geteuid() != 0,
-    reason="the sandbox needs root on Linux",
-)
+
+@pytest.fixture
+def jail() -> None:
+    """Skip (or fail, under STACKLAB_REQUIRE_SANDBOX=1) where the jail cannot be built."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        skip_or_fail("STACKLAB_REQUIRE_SANDBOX", "the sandbox needs root on Linux")
+
+
+needs_jail = pytest.mark.usefixtures("jail")
 
 
 @pytest.fixture
@@ -159,6 +170,74 @@ def test_cannot_write_outside_or_read_the_project():
     assert r.stderr.rstrip().endswith(f"No such file or directory: '{REPO / 'pyproject.toml'}'")
     for path in targets:
         assert not os.path.exists(path)
+
+
+def jail_listing(paths: list[str]) -> dict[str, list[str] | str]:
+    """What the code in the jail sees at each path: its entries, or the error listing raises."""
+    code = (
+        "import json, os\n"
+        "def entries(path):\n"
+        "    try:\n"
+        "        return sorted(os.listdir(path))\n"
+        "    except OSError as e:\n"
+        "        return type(e).__name__\n"
+        f"print(json.dumps({{path: entries(path) for path in {paths!r}}}))\n"
+    )
+    r = run_python(code, max_output=1_000_000)
+    assert r.ok and not r.truncated, r.as_tool_text()
+    return json.loads(r.stdout)
+
+
+def on_the_way(bind: str, top: str) -> list[str]:
+    """The directories from `top` (included) down to `bind` (excluded)."""
+    return [str(d) for d in Path(bind).parents if str(d) == top or str(d).startswith(top + "/")]
+
+
+@needs_jail
+def test_root_of_the_jail_holds_only_its_binds():
+    binds, links = sandbox._jail_layout()
+    tops = {b.split("/")[1] for b in binds} | {link.lstrip("/") for link, _ in links}
+    listing = jail_listing(["/", "/dev", "/sandbox"])
+    assert listing["/"] == sorted(tops | {"dev", "sandbox"})
+    assert listing["/dev"] == ["null", "random", "urandom", "zero"]
+    assert listing["/sandbox"] == ["main.py"]
+
+
+@needs_jail
+@pytest.mark.parametrize("path", ["/etc", "/home", "/tmp", "/root", str(REPO)])
+def test_host_directories_are_absent(path):
+    """Absent, unless the Python install lives below `path` (pyenv under /root): then the
+    directories from `path` down to it hold nothing of the host's but that way, and the code
+    cannot list them."""
+    binds, _ = sandbox._jail_layout()
+    way = sorted({d for bind in binds for d in on_the_way(bind, path)})
+    if not way:
+        assert jail_listing([path]) == {path: "FileNotFoundError"}
+        return
+    host = [str(Path(d, name)) for d in way for name in os.listdir(d)]
+    others = [p for p in host if p not in way and p not in binds]
+    assert others, f"nothing else in {way} on the host: the test shows nothing"
+    listing = jail_listing(way + others)
+    assert {d: listing[d] for d in way} == dict.fromkeys(way, "PermissionError")
+    assert {p: listing[p] for p in others} == dict.fromkeys(others, "FileNotFoundError")
+
+
+@needs_jail
+def test_directories_leading_to_a_bind_show_nothing_else(monkeypatch, tmp_path):
+    """Whatever is bound (the Python install is), the directories on its way into the jail are
+    new, hold only that way, and cannot be listed: here a folder below /tmp."""
+    bound = tmp_path / "bound"
+    bound.mkdir()
+    (bound / "shown.txt").write_text("shown")
+    (tmp_path / "host-secret.txt").write_text("secret")
+    binds, links = sandbox._jail_layout()
+    monkeypatch.setattr(sandbox, "_jail_layout", lambda: ([*binds, str(bound)], links))
+    way = on_the_way(str(bound), "/tmp")
+    secret = str(tmp_path / "host-secret.txt")
+    listing = jail_listing([*way, str(bound), secret])
+    assert {d: listing[d] for d in way} == dict.fromkeys(way, "PermissionError")
+    assert listing[str(bound)] == ["shown.txt"]
+    assert listing[secret] == "FileNotFoundError"
 
 
 @needs_jail

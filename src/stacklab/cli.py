@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the demo integration round (about 18 minutes on 2 CPU cores)",
-        description="Run the built-in round rounds/demo.yaml: Muon, QK-norm and a WSD "
+        help="run the demo integration round (about 10-15 minutes on 2 CPU cores)",
+        description="Run the built-in round demo: Muon, QK-norm and a WSD "
         "schedule from the contribution catalog, on a shrunken tiny recipe "
-        "(recipes/demo-baseline.yaml; the Python standard library as corpus, nothing is "
+        "(the built-in demo-baseline; the Python standard library as corpus, nothing is "
         "downloaded). The engine plans and runs the builds, searches with an effects model, "
         "confirms each member on fresh seeds "
         "and writes OUT/report.html, OUT/report.md and OUT/decision.json. Re-running resumes. "
@@ -202,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    p.add_argument(
+        "--scenarios", type=int, help="engine_search: simulated rounds (suite default: 4)"
+    )
+    p.add_argument(
+        "--samplers", help="engine_search: Optuna samplers, of nsga2,tpe,random (default: nsga2)"
+    )
+    p.add_argument(
+        "--calibration",
+        action="store_true",
+        help="engine_search: its calibration run (random scenarios, budgets 160/320/640)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -253,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ["STACKLAB_CACHE"] = str(args.cache_dir.resolve())
     console.print(
         "[bold]stacklab demo[/]: an integration round over three techniques from the "
-        "catalog (muon, qk-norm, wsd-schedule) on recipes/demo-baseline.yaml"
+        "catalog (muon, qk-norm, wsd-schedule) on the built-in recipe demo-baseline"
     )
     code = cmd_integrate(args)
     console.print(
@@ -371,7 +382,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stacklab.bench import fmt_number, markdown_table, run_suite
     from stacklab.fileio import write_atomic
 
-    rows, failures = run_suite(args.names, args.quick, args.threads, log=console.print)
+    options = {f"--{k}": getattr(args, k) for k in ("scenarios", "samplers", "calibration")}
+    rows, failures = run_suite(
+        args.names, args.quick, args.threads, log=console.print, options=options
+    )
     table = Table(title="stacklab bench" + (" (quick)" if args.quick else ""))
     for col in ("benchmark", "case", "unit", "ours", "peer", "ratio", "goal", "met"):
         table.add_column(col, justify="right" if col in ("ours", "peer", "ratio") else "left")

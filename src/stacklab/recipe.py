@@ -29,9 +29,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stacklab.builtin import RECIPES_DIR
 from stacklab.errors import RecipeError
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class Section(BaseModel):
@@ -471,12 +470,31 @@ class SFTConfig(Section):
         return self
 
 
+RLLoss = Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"]
+AdvantageScale = Literal["group_std", "batch_std", "none"]
+# What `rl.advantage: null` means for each loss: the scale its paper uses. Dr. GRPO (Liu et al.
+# 2025) drops GRPO's division by the group std, so `dr_grpo` refuses `group_std` outright.
+LOSS_ADVANTAGE: dict[str, AdvantageScale] = {
+    "grpo": "group_std",
+    "dr_grpo": "none",
+    "dapo": "group_std",
+    "gspo": "group_std",
+    "cispo": "group_std",
+}
+# The losses with a separate upper clip bound; grpo and dr_grpo clip symmetrically (eps_low).
+EPS_HIGH_LOSSES = ("dapo", "gspo", "cispo")
+
+
 class RLConfig(Section):
     """Reinforcement learning with verifiable rewards (the GRPO family), from the SFT model.
 
     Each step samples `prompts_per_step` tasks from `envs`, plays `group_size` episodes of each
     at `temperature`, turns rewards into group-relative advantages and takes `epochs` passes
     of `loss` over the batch in minibatches of `minibatch_size` episodes.
+
+    `advantage` left unset follows `loss` (`none` for dr_grpo, `group_std` for the others);
+    `advantage: group_std` with `loss: dr_grpo` and `eps_high` with grpo or dr_grpo (which clip
+    symmetrically by `eps_low`) are errors rather than silently ignored.
     """
 
     enabled: bool = False
@@ -493,13 +511,23 @@ class RLConfig(Section):
     max_turns: int = Field(4, ge=1, description="assistant turns per episode")
     max_new_tokens: int = Field(48, ge=1, description="tokens per assistant turn")
     token_budget: int = Field(384, ge=16, description="tokens per episode, prompt included")
-    loss: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo"] = "grpo"
-    advantage: Literal["group_std", "batch_std", "none"] = "group_std"
+    loss: RLLoss = "grpo"
+    advantage: AdvantageScale | None = Field(
+        None,
+        description="reward - group mean, divided by the group's std (group_std), the batch's "
+        "(batch_std) or nothing (none); None: the loss's own, none for dr_grpo, else group_std "
+        "(dr_grpo refuses group_std)",
+    )
     eps_low: float | None = Field(
-        None, gt=0, description="clip range below 1; None: the loss's own default"
+        None,
+        gt=0,
+        description="clip range below 1 (grpo, dr_grpo: on both sides of 1); None: the loss's own",
     )
     eps_high: float | None = Field(
-        None, gt=0, description="clip range above 1; None: the loss's own default"
+        None,
+        gt=0,
+        description="clip range above 1, dapo/gspo/cispo only (an error with grpo or dr_grpo); "
+        "None: the loss's own",
     )
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups of equal rewards, refill")
     max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rollout rounds/step")
@@ -520,6 +548,26 @@ class RLConfig(Section):
                 f"({self.token_budget})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _settings_fit_the_loss(self) -> RLConfig:
+        if self.loss == "dr_grpo" and self.advantage == "group_std":
+            raise ValueError(
+                "rl.advantage 'group_std' contradicts rl.loss 'dr_grpo' (Dr. GRPO does not divide "
+                "by the group's std); valid for dr_grpo: none, batch_std, or null (none)"
+            )
+        if self.eps_high is not None and self.loss not in EPS_HIGH_LOSSES:
+            raise ValueError(
+                f"rl.eps_high is unused by rl.loss '{self.loss}', which clips symmetrically by "
+                f"rl.eps_low; set eps_high: null, or a loss with an upper bound of its own "
+                f"({', '.join(EPS_HIGH_LOSSES)})"
+            )
+        return self
+
+    @property
+    def advantage_scale(self) -> AdvantageScale:
+        """`advantage`, or the loss's own when unset (see `LOSS_ADVANTAGE`)."""
+        return self.advantage or LOSS_ADVANTAGE[self.loss]
 
     @model_validator(mode="after")
     def _weights_name_envs(self) -> RLConfig:
@@ -633,7 +681,7 @@ def get_dotted(data: Any, dotted: str) -> Any:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file, apply `key=value` overrides, and validate.
 
-    `path` may also be the bare name of a built-in recipe (`tiny` → `recipes/tiny.yaml`).
+    `path` may also be the bare name of a built-in recipe (`tiny`: see `stacklab.builtin`).
     A recipe may start from another with `base: NAME_OR_PATH`: the base is read first and
     this file's values are merged over it (mappings merge key by key; lists and values
     replace). Relative data paths are resolved against the folder of the file that names them.

@@ -14,8 +14,12 @@ working directory, HOME and TMPDIR), chroots into it, sets resource limits, drop
 `python -I -S -B` on the code. So:
 
 - no network: the new network namespace has only a loopback device, and it is down;
-- no project files, no home directories, no /tmp: they are not in the jail's file tree at all,
-  and every path outside /sandbox is read-only;
+- no project files, no home directories, no /tmp, no /etc: they are not in the jail's file tree
+  at all, and every path outside /sandbox is read-only. One exception: when the Python
+  installation lives under one of them (pyenv under /root, say), the directories leading to it
+  exist in the jail, new and empty but for that path, and the code cannot list them (mode
+  0711). The installation keeps its own path in the jail: an interpreter may find its shared
+  library by an absolute path (pyenv's builds do);
 - no runaway processes: RLIMIT_NPROC applies because the code is not root, and when PID 1 exits
   (or its parent, the wrapper, is killed on timeout) the kernel kills everything in the PID
   namespace, even processes that left the process group;
@@ -73,11 +77,22 @@ def bind_ro(src, dst):
     mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+# Makes root + path. The directories on the way (/root for a Python under /root/.pyenv) are new
+# and empty but for the path, and traverse-only (0711): the code cannot list them.
+def mount_point(root, path):
+    current = root
+    for part in path.strip("/").split("/"):
+        current += "/" + part
+        if not os.path.isdir(current):
+            os.mkdir(current)
+            os.chmod(current, 0o711)
+
+
 def build_jail(root):
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in cfg["binds"]:
-        os.makedirs(root + path)
+        mount_point(root, path)
         bind_ro(path, root + path)
     for path, target in cfg["links"]:
         os.symlink(target, root + path)

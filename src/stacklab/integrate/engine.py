@@ -38,7 +38,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -63,6 +62,7 @@ from stacklab.integrate.decide import (
     finite,
 )
 from stacklab.integrate.effects import EffectsFit, fit_effects
+from stacklab.integrate.lock import hold_round_folder
 from stacklab.integrate.planner import (
     Proposal,
     Subset,
@@ -77,15 +77,17 @@ from stacklab.integrate.runners import (
     CommandRunner,
     Executor,
     Job,
+    Outcome,
     make_executor,
     make_runner,
+    remove_partial_runs,
 )
 from stacklab.integrate.select import (
     Choice,
     Objective,
     search_candidates,
 )
-from stacklab.integrate.store import Run, RunStore, run_key
+from stacklab.integrate.store import Run, RunStore, StoreError, run_key
 from stacklab.integrate.verdicts import (
     Interval,
     SequentialPlan,
@@ -163,27 +165,28 @@ def integrate(
     rnd = load_round(round_file)
     out = Path(out_dir).absolute()  # runs execute in the round file's folder
     out.mkdir(parents=True, exist_ok=True)
-    url = rnd.spec.store or f"sqlite:///{(out / 'runs.db').resolve()}"
-    runner = make_runner(rnd.spec.runner, rnd.file.parent, rnd.metrics, rnd.workers)
-    executor = make_executor(rnd.spec.executor, rnd.workers)
-    _remove_partial_runs(out / "runs")
-    console = console or Console(stderr=True)
-    with RunStore(url) as store:
-        result = _Session(rnd, out, store, runner, executor, console).run()
-    write_reports(result, out)
+    # The folder's own SQLite store is this engine's alone: a second engine on the folder is
+    # refused at once. A store the round names may be shared: engines cooperate through it.
+    shared = rnd.spec.store is not None
+    with hold_round_folder(out, shared):
+        url = rnd.spec.store or f"sqlite:///{(out / 'runs.db').resolve()}"
+        runner = make_runner(rnd.spec.runner, rnd.file.parent, rnd.metrics, rnd.workers)
+        executor = make_executor(rnd.spec.executor, rnd.workers)
+        console = console or Console(stderr=True)
+        # Alone on its store, the engine hands back every run left running (by a killed
+        # engine); sharing it, only the runs of engines that are gone (see store.py).
+        with RunStore(url, reset_stale=not shared) as store:
+            store.reset_dead()
+            runner = replace(runner, owner=store.owner)
+            remove_partial_runs(out / "runs", store.live_owners if shared else frozenset)
+            result = _Session(rnd, out, store, runner, executor, console).run()
+        write_reports(result, out)
     console.print(
         f"[bold]decision[/] in {escape(str(out / 'decision.json'))}; "
         f"report: {escape(str(out / 'report.html'))}",
         highlight=False,
     )
     return result
-
-
-def _remove_partial_runs(runs_dir: Path) -> None:
-    """Temporary run folders left by a killed engine: their runs are pending again."""
-    if runs_dir.is_dir():
-        for tmp in runs_dir.glob(".*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Session:
@@ -820,31 +823,49 @@ class _Session:
                 self.store.retry_failed(attempts)
                 runs = self._runs(keys)
                 pending = [k for k in keys if runs[k].status == "pending"]
-                if not pending:
-                    break
-                claimed = self.store.claim_pending(len(pending), keys=pending)
+                claimed = self.store.claim_pending(len(pending), keys=pending) if pending else []
                 if not claimed:
+                    if self._wait_for_others(keys):
+                        continue
                     break
                 jobs = [Job(r.key, r.recipe, r.seed, runs_dir / r.key) for r in claimed]
                 for outcome in self.executor.run(self.runner, jobs):
-                    if outcome.metrics is not None:
-                        self.store.finish(outcome.key, outcome.metrics)
-                    else:
-                        self.store.fail(outcome.key, outcome.error or "failed")
-                        point = self.points.get(outcome.key)
-                        where = self.names(point.subset) if point else outcome.key
-                        first = (outcome.error or "").splitlines()[0][:200] if outcome.error else ""
-                        self.say(f"  [red]run failed[/] ({where}): {escape(first)}")
+                    self._record(outcome)
                     if outcome.key in self.points:
                         bar.advance(task)
-            self._wait_for_others(keys)
 
-    def _wait_for_others(self, keys: list[str]) -> None:
-        """Runs another process claimed (a shared store): wait until they are finished."""
+    def _record(self, outcome: Outcome) -> None:
+        """Store a run's outcome. With a shared store, another engine may have finished the
+        same run first (it claimed it after this engine's lease lapsed): its result stands."""
+        point = self.points.get(outcome.key)
+        where = self.names(point.subset) if point else outcome.key
+        try:
+            if outcome.metrics is not None:
+                self.store.finish(outcome.key, outcome.metrics)
+            else:
+                self.store.fail(outcome.key, outcome.error or "failed")
+        except StoreError:
+            run = self.store.get(outcome.key)
+            if run is None or run.status != "done":
+                raise
+            self.say(f"  run ({where}) was finished by another engine first; its result is kept")
+            return
+        if outcome.metrics is None:
+            first = (outcome.error or "").splitlines()[0][:200] if outcome.error else ""
+            self.say(f"  [red]run failed[/] ({where}): {escape(first)}")
+
+    def _wait_for_others(self, keys: list[str]) -> bool:
+        """Runs another engine claimed (a shared store): wait until none is running; True if
+        some came back to pending meanwhile (their engine died, or a failure is retried)."""
+        attempts = self.rnd.spec.runner.attempts
         while True:
-            running = [k for k, r in self._runs(keys).items() if r.status == "running"]
-            if not running:
-                return
+            self.store.reset_dead()
+            self.store.retry_failed(attempts)
+            runs = self._runs(keys)
+            if any(r.status == "pending" for r in runs.values()):
+                return True
+            if not any(r.status == "running" for r in runs.values()):
+                return False
             time.sleep(1.0)
 
     def _runs(self, keys: Sequence[str]) -> dict[str, Run]:

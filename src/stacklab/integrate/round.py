@@ -2,19 +2,25 @@
 
     name: spring-round              # optional; default: the file's name without .yaml
     baseline: tiny                  # a recipe file (relative to this file) or a built-in name
-    contributions: [contributions/] # files or folders, relative to this file
-    objectives:
+    contributions: [muon, my.yaml]  # built-in names, or files or folders relative to this file
+    objectives:                     # names from the run's metrics.json (see below)
       - {metric: val_bpb, direction: min, weight: 1.0}
-      - {metric: task_accuracy, direction: max, weight: 1.0, scale: 0.01}
+      - {metric: task_acc/arithmetic, direction: max, weight: 1.0, scale: 0.01}
     guardrails:                     # "must not get worse than this", checked per candidate
-      - {metric: agent_success, kind: min_delta, threshold: -0.01}
-      - {metric: tokens_per_s, kind: ratio, threshold: 0.9}
+      - {metric: agent_success/calculator, kind: min_delta, threshold: -0.01}
+      - {metric: pretrain/tokens_per_s, kind: ratio, threshold: 0.9}
     seeds: 3                        # or a list, e.g. [0, 1, 2]; every batch pairs by seed
     confirm_seeds: 3                # seeds of the confirmation batch (fresh ones if a count)
     budget: 120                     # the most distinct runs (recipe x seed) the round may use
-    runner: {kind: external, command: "python train.py {recipe} --seed {seed} --out {out}"}
+    runner: {kind: builtin, timeout_s: 3600}    # `stacklab build` each run; or external (below)
     executor: {kind: local, workers: 2}     # or {kind: ray, address: "ray://head:10001"}
     store: postgresql://host/db      # optional; default: sqlite in the --out folder
+
+The metrics are those the runner writes to `{out}/metrics.json`. The built-in runner's are
+`stacklab build`'s: `val_bpb`, `task_acc/<task>` and `agent_success/<env>` (of the recipe's
+`data.tasks` and `eval.agent_envs`), `pretrain/tokens_per_s` and the other stage metrics.
+Any trainer can be the runner instead, with metric names of its own:
+`{kind: external, command: "python train.py {recipe} --seed {seed} --out {out}"}`.
 
 How sure the decision must be (defaults): `level: 0.95` (every verdict's confidence: a
 member is accepted when its gain inside the final recipe is significant at this level,
@@ -43,6 +49,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stacklab.builtin import CONTRIBUTIONS_DIR, ROUNDS_DIR
 from stacklab.errors import StacklabError
 from stacklab.integrate.contributions import (
     Contribution,
@@ -56,7 +63,6 @@ from stacklab.integrate.select import Guardrail, Objective
 from stacklab.recipe import Recipe, load_recipe
 
 PLACEHOLDERS = ("recipe", "seed", "out")
-ROUNDS_DIR = Path(__file__).resolve().parents[3] / "rounds"
 
 
 class RoundError(StacklabError):
@@ -247,7 +253,7 @@ class Round:
 
 
 def resolve_round_path(path: str | Path) -> Path:
-    """A round file, or the bare name of a built-in round (`demo` -> rounds/demo.yaml)."""
+    """A round file, or the bare name of a built-in round (`demo`: see `stacklab.builtin`)."""
     file = Path(path)
     if file.is_file():
         return file
@@ -278,7 +284,8 @@ def load_round(path: str | Path) -> Round:
     baseline_path = _baseline_path(spec.baseline, here, file)
     baseline = load_recipe(baseline_path)
     try:
-        contribs = load_contributions([here / p for p in spec.contributions], baseline)
+        paths = [_contribution_path(entry, here, file) for entry in spec.contributions]
+        contribs = load_contributions(paths, baseline)
     except ContributionError as exc:
         raise RoundError(f"{file}: contributions: {exc}") from None
     for c in contribs:
@@ -361,6 +368,21 @@ def _baseline_path(baseline: str, here: Path, file: Path) -> Path:
         return resolve_recipe_path(baseline).resolve()
     except StacklabError as exc:
         raise RoundError(f"{file}: baseline: {exc}") from None
+
+
+def _contribution_path(entry: str, here: Path, file: Path) -> Path:
+    """A file or folder beside the round first, then a built-in contribution name (`muon`)."""
+    beside = here / entry
+    if beside.exists() or Path(entry).suffix or len(Path(entry).parts) > 1:
+        return beside  # load_contributions names it if it is missing
+    builtin = CONTRIBUTIONS_DIR / f"{entry}.yaml"
+    if builtin.is_file():
+        return builtin
+    choices = sorted(p.stem for p in CONTRIBUTIONS_DIR.glob("*.yaml"))
+    raise RoundError(
+        f"{file}: contributions: {entry!r} is neither a file or folder beside the round nor a "
+        f"built-in contribution ({', '.join(choices) or 'none'})"
+    )
 
 
 def _describe(exc: ValidationError) -> str:

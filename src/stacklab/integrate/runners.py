@@ -12,6 +12,13 @@ finds it there next time instead of training again. A failed run's folder is kep
 (`KEY.failed`) with the command's logs; the failure, with the tail of its stderr, goes to the
 store and never counts as a result.
 
+A temporary folder is named `.KEY.tmp-OWNER-RANDOM`, OWNER being the owner token of the run
+store that claimed the run (the coordinator's lease, see store.py). `remove_partial_runs`, run
+when an engine starts, removes only those whose owner is not a live claimer: another engine
+sharing the store, even on the same `--out`, keeps the folders it is writing. Two writers of
+the same run (a claim that lapsed and was taken again) both end well: the first folder renamed
+into place stands, and the second writer returns that run's metrics.
+
 Executors only decide where runs happen: a local pool of threads, each waiting on one child
 process (the work is in the children, so threads are enough), or Ray for a cluster.
 """
@@ -24,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +88,7 @@ class CommandRunner:
     required: tuple[str, ...]  # metrics every run must report
     timeout_s: float | None = None
     threads: int | None = None  # OMP_NUM_THREADS for the child, unless the caller set it
+    owner: str = ""  # the claiming store's owner token, in the temporary folders' names
 
     def argv(self, recipe: Path, seed: int, out: Path) -> list[str]:
         return [a.format(recipe=recipe, seed=seed, out=out) for a in self.template]
@@ -92,25 +101,59 @@ class CommandRunner:
                 metrics = read_metrics(final / "metrics.json", self.required)
                 return Outcome(job.key, metrics, None, time.perf_counter() - start)
             except RunFailed:
-                shutil.rmtree(final)
+                shutil.rmtree(final, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / tmp_name(final.name, self.owner)
         tmp.mkdir()
         try:
             metrics = self._run_in(tmp, job)
         except RunFailed as exc:
             failed = final.parent / f"{final.name}.failed"
-            shutil.rmtree(failed, ignore_errors=True)
-            os.rename(tmp, failed)
-            error = f"{exc} (logs: {failed})"
+            if not tmp.is_dir():
+                error = f"{exc}; its temporary folder {tmp} was removed by another process"
+            elif _move_dir(tmp, failed):
+                error = f"{exc} (logs: {failed})"
+            else:
+                error = f"{exc} (logs: {tmp})"
+            return Outcome(job.key, None, error, time.perf_counter() - start)
+        except OSError as exc:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            error = f"its temporary folder {tmp} was removed by another process ({exc})"
             return Outcome(job.key, None, error, time.perf_counter() - start)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        for _ in range(3):
+            landed = self._landed(final)
+            if landed is not None:  # another writer of this run finished first: it stands
+                shutil.rmtree(tmp, ignore_errors=True)
+                metrics = landed
+                break
+            try:
+                os.rename(tmp, final)  # never over a non-empty folder: that fails
+                break
+            except FileNotFoundError:
+                error = f"its temporary folder {tmp} was removed by another process"
+                return Outcome(job.key, None, error, time.perf_counter() - start)
+            except OSError:  # a folder is there: another writer's run, or an unfinished one
+                if self._landed(final) is None:
+                    shutil.rmtree(final, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"could not move the finished run into {final}"
+            return Outcome(job.key, None, error, time.perf_counter() - start)
         return Outcome(job.key, metrics, None, time.perf_counter() - start)
+
+    def _landed(self, final: Path) -> dict[str, float] | None:
+        """The metrics of the finished run in `final`, if one is there."""
+        if not (final / "metrics.json").is_file():
+            return None
+        try:
+            return read_metrics(final / "metrics.json", self.required)
+        except (RunFailed, OSError):
+            return None
 
     def _run_in(self, out: Path, job: Job) -> dict[str, float]:
         recipe = out / "recipe.yaml"
@@ -137,6 +180,55 @@ class CommandRunner:
         if code != 0:
             raise RunFailed(f"exit status {code}{_tail(out / 'stderr.log')}")
         return read_metrics(out / "metrics.json", self.required)
+
+
+def _move_dir(src: Path, dst: Path) -> bool:
+    """Rename folder `src` to `dst`, replacing what is there; False if another process keeps
+    putting a folder at `dst` (or `src` is gone)."""
+    for _ in range(3):
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            os.rename(src, dst)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:  # `dst` appeared again between the two steps: another writer's
+            continue
+    return False
+
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<owner>[0-9a-f]{16})-)?[0-9a-f]{8}$")
+
+
+def tmp_name(name: str, owner: str) -> str:
+    """A temporary folder's name for the run folder `name`, written for store `owner`."""
+    tag = f"{owner}-" if owner else ""
+    return f".{name}.tmp-{tag}{uuid.uuid4().hex[:8]}"
+
+
+def tmp_owner(name: str) -> str | None:
+    """The owner token in a temporary folder's name; None for another or an older name."""
+    match = _TMP.match(name)
+    return match["owner"] if match else None
+
+
+def remove_partial_runs(runs_dir: Path, live_owners: Callable[[], Collection[str]]) -> list[Path]:
+    """Remove the temporary run folders of owners that are gone (a killed engine's); return
+    them. Folders of owners in `live_owners()` stay: another engine is writing them.
+
+    The folders are listed before the live owners are asked for: an owner registers its lease
+    before it makes a folder, so a folder listed here has an owner that the answer knows.
+    """
+    if not runs_dir.is_dir():
+        return []
+    found = [p for p in runs_dir.glob(".*.tmp-*") if _TMP.match(p.name)]
+    if not found:
+        return []
+    live = set(live_owners())
+    removed = [p for p in found if tmp_owner(p.name) not in live]
+    for tmp in removed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed
 
 
 def read_metrics(path: Path, required: Sequence[str]) -> dict[str, float]:

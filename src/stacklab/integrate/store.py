@@ -14,18 +14,32 @@ claim (read pending rows, mark them running) holds the write lock from its first
 processes never claim the same run. For many machines, give a PostgreSQL URL: claims then
 lock rows with `FOR UPDATE SKIP LOCKED`, and each row is switched only if still pending.
 
-Several processes: only the coordinator should open the store with `reset_stale=True` (the
-default). A worker that joins a live round must pass `reset_stale=False`, or it would hand
-back to `pending` the runs that other live workers are training.
+Several processes: opening a store with `reset_stale=True` (the default) hands back to
+`pending` every run left `running`, which is only right for a process that knows it is the
+store's only user (the engine on its own round folder's SQLite file, which it locks). Anything
+else opens with `reset_stale=False` and calls `reset_dead`, which hands back only the runs of
+claimers that are gone. A claimer is known by its lease: a row in `leases`, named by the
+store's `owner` token, renewed by a background thread every `lease_s / 4` seconds and removed
+on `close`. A lease is dead when it has not been renewed for `lease_s` seconds (by the
+database server's clock on PostgreSQL, so the machines' clocks need not agree), or at once when
+its process, on this machine, has exited. Every claim records its claimer in `runs.owner`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import logging
+import os
+import socket
 import sqlite3
+import threading
 import time
+import uuid
 from collections.abc import Collection, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -38,7 +52,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     create_engine,
+    delete,
     event,
+    inspect,
+    or_,
     select,
     text,
     update,
@@ -51,6 +68,9 @@ from stacklab.recipe import canonical_hash
 
 Status = Literal["pending", "running", "done", "failed"]
 STATUSES: tuple[Status, ...] = ("pending", "running", "done", "failed")
+LEASE_S = 60.0  # a claimer whose lease was not renewed for this long is taken for dead
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(StacklabError):
@@ -102,6 +122,20 @@ class RunRow(_Base):
     started_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the last claimer
+
+
+class LeaseRow(_Base):
+    """The `leases` table: one row per live claimer (a store that has claimed runs)."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the store's owner token
+    host: Mapped[str] = mapped_column(String(255))  # where `pid` means something
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    renewed_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(_UTCDateTime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +157,7 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     recipe: dict[str, Any]
+    owner: str | None = None  # the owner token of the store that claimed it last
 
     @classmethod
     def _of(cls, row: RunRow) -> Run:
@@ -138,7 +173,14 @@ def _now() -> datetime:
 class RunStore:
     """Runs of integration rounds in a database at `url` (e.g. `sqlite:///round/runs.db`)."""
 
-    def __init__(self, url: str, *, reset_stale: bool = True, busy_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        reset_stale: bool = True,
+        busy_timeout_s: float = 60.0,
+        lease_s: float = LEASE_S,
+    ):
         sqlite = url.startswith("sqlite")
         self.engine: Engine = create_engine(
             url, connect_args={"timeout": busy_timeout_s} if sqlite else {}
@@ -147,10 +189,28 @@ class RunStore:
             _sqlite_for_many_processes(self.engine, busy_timeout_s)
         _create_tables(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.owner = uuid.uuid4().hex[:16]  # this store's claims, leases and temporary folders
+        self.lease_s = lease_s
+        self._lease_lock = threading.Lock()  # one lease write at a time from this store
+        self._leased = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
         if reset_stale:
             self.reset_stale()
 
     def close(self) -> None:
+        """Stop renewing the lease and remove it: runs still `running` under it are dead."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self._leased:
+            try:
+                with self._lease_lock, self._session() as session:
+                    session.execute(delete(LeaseRow).where(LeaseRow.id == self.owner))
+                    session.commit()
+            except Exception as exc:  # the database is gone: the lease expires on its own
+                log.warning("run store: could not remove lease %s: %s", self.owner, exc)
+            self._leased = False
         self.engine.dispose()
 
     def __enter__(self) -> RunStore:
@@ -207,7 +267,8 @@ class RunStore:
         Safe across processes: no run is handed to two claimers (see the module docstring).
         """
         claimed = []
-        with self._session() as session:
+        with self._lease_lock, self._session() as session:
+            self._renew(session)  # in the same transaction: a claim never outlives its lease
             query = select(RunRow.id).where(RunRow.status == "pending")
             if keys is not None:
                 query = query.where(RunRow.key.in_(list(keys)))
@@ -219,7 +280,12 @@ class RunStore:
                 result = session.execute(
                     update(RunRow)
                     .where(RunRow.id == run_id, RunRow.status == "pending")
-                    .values(status="running", started_at=now, attempts=RunRow.attempts + 1)
+                    .values(
+                        status="running",
+                        started_at=now,
+                        attempts=RunRow.attempts + 1,
+                        owner=self.owner,
+                    )
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount == 1:  # type: ignore[attr-defined]
@@ -228,14 +294,19 @@ class RunStore:
                 select(RunRow).where(RunRow.id.in_(claimed)).order_by(RunRow.id)
             ).all()
             session.commit()
-            return [Run._of(row) for row in rows]
+        self._start_beating()
+        return [Run._of(row) for row in rows]
 
     def finish(self, key: str, metrics: dict[str, Any]) -> Run:
         """Record a run's metrics. A finished run is never overwritten."""
         return self._close_run(key, status="done", metrics=metrics, error=None)
 
     def fail(self, key: str, error: str) -> Run:
-        """Record why a run failed (`retry_failed` can queue it again)."""
+        """Record why a run failed (`retry_failed` can queue it again).
+
+        A failure is not recorded over another live claimer's attempt (this store's claim
+        lapsed and the run was claimed again): the run is returned unchanged, still running.
+        """
         return self._close_run(key, status="failed", metrics=None, error=error)
 
     def _close_run(
@@ -245,6 +316,13 @@ class RunStore:
             row = self._row(session, key)
             if row.status == "done":
                 raise StoreError(f"run {key} is already done; its metrics are kept")
+            if (
+                status == "failed"
+                and row.status == "running"
+                and row.owner not in (None, self.owner)
+                and row.owner in self._live(session)
+            ):
+                return Run._of(row)  # another live claimer's attempt is the one that counts
             # From `pending` too: a result that arrives after its run was reset is not lost.
             row.status, row.metrics, row.error, row.finished_at = status, metrics, error, _now()
             session.commit()
@@ -260,11 +338,100 @@ class RunStore:
             result = session.execute(
                 update(RunRow)
                 .where(RunRow.status == "running")
-                .values(status="pending", started_at=None)
+                .values(status="pending", started_at=None, owner=None)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def reset_dead(self) -> int:
+        """Put back to `pending` the runs whose claimer is gone; return how many.
+
+        Gone: its lease expired, was removed (its store was closed) or belongs to a process
+        of this machine that has exited; or the run records no claimer (a claim made before
+        leases). Safe while other live processes train runs from this database.
+        """
+        with self._lease_lock, self._session() as session:
+            self._live(session)  # drops the dead leases
+            result = session.execute(
+                update(RunRow)
+                .where(
+                    RunRow.status == "running",
+                    or_(RunRow.owner.is_(None), RunRow.owner.not_in(select(LeaseRow.id))),
+                )
+                .values(status="pending", started_at=None, owner=None)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def live_owners(self) -> set[str]:
+        """Owner tokens of the live claimers (this store's own among them once it claimed)."""
+        with self._lease_lock, self._session() as session:
+            live = self._live(session)
+            session.commit()
+            return live
+
+    # ------------------------------------------------------------------ leases
+
+    def _clock(self, session: Session) -> datetime:
+        """Now, by the clock every lease is judged by: the server's on PostgreSQL (several
+        machines), this machine's on SQLite (one machine)."""
+        if session.get_bind().dialect.name == "postgresql":
+            now = session.execute(text("SELECT timezone('utc', clock_timestamp())")).scalar_one()
+            return now.replace(tzinfo=UTC)
+        return _now()
+
+    def _live(self, session: Session) -> set[str]:
+        """Delete the dead leases (never this store's own); return the ids of the others."""
+        now = self._clock(session)
+        rows = session.execute(
+            select(LeaseRow.id, LeaseRow.host, LeaseRow.pid, LeaseRow.expires_at)
+        )
+        here = _machine()
+        dead, live = [], set()
+        for lease_id, host, pid, expires_at in rows:
+            gone = expires_at.replace(tzinfo=UTC) < now or (host == here and not _pid_alive(pid))
+            if gone and lease_id != self.owner:
+                dead.append(lease_id)
+            else:
+                live.add(lease_id)
+        if dead:
+            session.execute(delete(LeaseRow).where(LeaseRow.id.in_(dead)))
+        return live
+
+    def _renew(self, session: Session) -> None:
+        """Create or extend this store's lease (in the caller's transaction)."""
+        now = self._clock(session)
+        expires = now + timedelta(seconds=self.lease_s)
+        result = session.execute(
+            update(LeaseRow)
+            .where(LeaseRow.id == self.owner)
+            .values(renewed_at=now, expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 0:  # type: ignore[attr-defined]  # new, or dropped as dead
+            lease = LeaseRow(id=self.owner, host=_machine(), pid=os.getpid(), started_at=now)
+            lease.renewed_at, lease.expires_at = now, expires
+            session.add(lease)
+            session.flush()
+        self._leased = True
+
+    def _start_beating(self) -> None:
+        if self._beat is None and not self._stop.is_set():
+            self._beat = threading.Thread(
+                target=self._keep_lease, name=f"lease-{self.owner}", daemon=True
+            )
+            self._beat.start()
+
+    def _keep_lease(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                with self._lease_lock, self._session() as session:
+                    self._renew(session)
+                    session.commit()
+            except Exception as exc:  # the database is unreachable for now: try again later
+                log.warning("run store: could not renew lease %s: %s", self.owner, exc)
 
     def retry_failed(self, max_attempts: int) -> int:
         """Queue failed runs that have had fewer than `max_attempts` attempts; return how many."""
@@ -272,7 +439,7 @@ class RunStore:
             result = session.execute(
                 update(RunRow)
                 .where(RunRow.status == "failed", RunRow.attempts < max_attempts)
-                .values(status="pending", started_at=None, finished_at=None)
+                .values(status="pending", started_at=None, finished_at=None, owner=None)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
@@ -301,6 +468,36 @@ class RunStore:
         return row
 
 
+@functools.cache
+def _machine() -> str:
+    """This machine and process namespace: where a lease's pid can be checked for life.
+
+    The host name, the kernel's boot id and the pid namespace: two containers with the same
+    host name, or a machine rebooted since, never take each other's pids for their own.
+    """
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return " ".join(parts)[:255]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is process `pid` of this machine running (a zombie, exited but not reaped, is not)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 # Any fixed number: the PostgreSQL advisory lock that stores take while creating the tables.
 _CREATE_LOCK = 0x737461636B6C6162  # "stacklab"
 
@@ -317,6 +514,8 @@ def _create_tables(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
         _Base.metadata.create_all(conn)
+        if "owner" not in {c["name"] for c in inspect(conn).get_columns("runs")}:
+            conn.execute(text("ALTER TABLE runs ADD COLUMN owner VARCHAR(32)"))  # older stores
 
 
 def _sqlite_for_many_processes(engine: Engine, busy_timeout_s: float) -> None:

@@ -30,9 +30,13 @@ recognise, or one with forward hooks, takes the general forward.
 Sampling (`sample_next`) is a pure function of the logits: greedy at temperature 0, otherwise
 softmax(logits / temperature) restricted by top-k and then top-p (nucleus; Holtzman et al.
 2020), the order Hugging Face applies them in. For RL, `return_logprobs` reports each chosen
-token's log-probability under the model's unmodified distribution (temperature 1, no
-filtering), the quantity a trainer recomputes from the policy's logits, whatever temperature
-or filter the rollout sampled with.
+token's log-probability at the sampling temperature, `log_softmax(logits / temperature)`: the
+distribution the token was drawn from, and exactly what the RL trainer recomputes from the
+policy's logits (`rl.trainer.token_logprobs` divides by the same temperature, as verl and TRL
+do), so the two differ only by float noise and the trainer's `logprob_drift` is ~0 before an
+update. They are taken before any top-k/top-p filter, which the trainer does not reproduce
+(RL rollouts sample unfiltered); at temperature 0 (greedy) they are the model's own
+(temperature 1).
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ class Generation:
 
     tokens: list[int]  # generated tokens, without the stop token
     stop_token: int | None  # the stop token that ended the row; None: ran out of tokens
-    # Log-probability of each sampled token, the stop token last when there is one
-    # (len(tokens) + 1 entries then); None unless asked for.
+    # Log-probability of each sampled token at the sampling temperature (before top-k/top-p),
+    # the stop token last when there is one (len(tokens) + 1 entries then); None unless asked.
     logprobs: list[float] | None = None
 
     @property
@@ -316,8 +320,10 @@ def generate(
 
     Each row ends at its first token in `stop_ids`. Runs in eval mode under
     `torch.inference_mode()` and puts the model back in the mode it was in. A seeded
-    `generator` (on the model's device) makes sampling reproducible. `fast=False` decodes
-    with the model's general forward instead of `DecodeStep` (same tokens; for tests).
+    `generator` (on the model's device) makes sampling reproducible. `return_logprobs` adds
+    each sampled token's log-probability at `temperature` (see the module docstring).
+    `fast=False` decodes with the model's general forward instead of `DecodeStep` (same
+    tokens; for tests).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no prompt may be empty")
@@ -357,7 +363,8 @@ def generate(
             token = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
             new[:, step] = token
             if return_logprobs:
-                logprobs[:, step] = logits.float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+                scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
+                logprobs[:, step] = scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
             if step == max_new_tokens - 1:
                 break
             if len(stops):

@@ -6,7 +6,8 @@ Why these functions:
   prompt and scores each against its siblings: advantage = reward - group mean. No value model.
 * **Which std, if any.** GRPO also divides by the group's std. Dr. GRPO (Liu et al. 2025,
   "Understanding R1-Zero-Like Training") shows this favours prompts that are too easy or too
-  hard and drops it (`"none"`); dividing by one std over the whole batch (`"batch_std"`, the
+  hard and drops it (`"none"`, what the recipe's `rl.advantage` defaults to with
+  `loss: dr_grpo`); dividing by one std over the whole batch (`"batch_std"`, the
   "group mean, batch std" of Liu et al. 2025, "Tricks or Traps? A Deep Dive into RL for LLM
   Reasoning") keeps the scale fixed across prompts. Every std here is the unbiased (n - 1)
   one, as `torch.std` computes it and as TRL and verl use; the paper does not say which. The

@@ -16,6 +16,8 @@ token ratio `r = π/π_old`, except CISPO):
   A long answer's tokens each weigh less, which Dr. GRPO shows biases towards long wrong answers.
 * `dr_grpo` (Liu et al. 2025, "Understanding R1-Zero-Like Training"): sum over all tokens divided
   by a constant, batch size × max generation length: no per-sequence length normalisation.
+  The paper's other half is in the advantages, which it does not divide by the group's std:
+  the recipe's `rl.advantage` defaults to `none` with this loss and refuses `group_std`.
 * `dapo` (Yu et al. 2025): one mean over all tokens of the batch, and a decoupled clip range
   whose upper bound (eps_high = 0.28) is wider, so unlikely tokens can still rise ("clip-higher").
 * `gspo` (Zheng et al. 2025, "Group Sequence Policy Optimization"): the ratio is taken per
@@ -25,6 +27,10 @@ token ratio `r = π/π_old`, except CISPO):
   ratio as a clipped, gradient-stopped weight, `sg(clip(r, 1-eps_low, 1+eps_high))·A·log π`,
   averaged over all tokens of the batch. No token is ever dropped from the gradient; only its
   weight is capped. The paper sets no lower bound in practice, so `eps_low` defaults to None.
+
+`grpo` and `dr_grpo` clip symmetrically with one `eps` (the recipe's `rl.eps_low`; an
+`rl.eps_high` with them is a recipe error); `dapo`, `gspo` and `cispo` take `eps_low` and
+`eps_high` apart.
 
 `kl_k3` is the KL penalty towards a reference model; the caller scales it by its coefficient.
 Stats are detached scalars: `clip_frac`, the share of counted tokens (sequences for GSPO) where

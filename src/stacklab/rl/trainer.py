@@ -10,20 +10,23 @@ One step:
    in the fixed format, else 0), plus DAPO's soft overlong penalty when `overlong_buffer > 0`.
    With `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts
    are sampled, up to `max_sampling_rounds` rollout rounds, to refill the batch.
-3. **Advantages** are group-relative (`group_advantages`, scaled per `rl.advantage`).
+3. **Advantages** are group-relative (`group_advantages`, scaled per `rl.advantage`; unset,
+   the loss's own: none for dr_grpo, the group std for the others).
 4. **Update.** The log-probs of the sampled tokens under the policy before the update
-   (`old_logp`) are recomputed once by a full forward pass (the ratio is then exactly 1 at
-   the first minibatch, whatever numerical drift the KV-cache sampler had; the drift is
-   logged as `logprob_drift`). Then `epochs` passes over the batch in shuffled minibatches of
-   `minibatch_size` episodes, each an AdamW step on `LOSSES[rl.loss]` plus `kl_coef` times the
-   k3 KL to the frozen starting model. Only sampled tokens are in the mask: prompts, tool
-   responses and padding never enter the loss.
+   (`old_logp`) are recomputed once by a full forward pass at `temperature`, the footing the
+   sampler reports them on (the ratio is then exactly 1 at the first minibatch, whatever
+   numerical drift the KV-cache sampler had; the drift is logged as `logprob_drift`). Then
+   `epochs` passes over the batch in shuffled minibatches of `minibatch_size` episodes, each
+   an AdamW step on `LOSSES[rl.loss]` plus `kl_coef` times the k3 KL to the frozen starting
+   model. Only sampled tokens are in the mask: prompts, tool responses and padding never
+   enter the loss.
 
 Everything a step draws (tasks, the sampler's generator, the minibatch order) is seeded by
-(seed, step), so a checkpoint needs only weights, optimizer and scheduler, and a killed run
-resumes where it stopped. Per-step records go to `metrics.jsonl`: reward, accuracy per env,
-response length, entropy, KL, clip fraction, the dropped and uninformative group fractions,
-turns, tool calls, and where the time went (sampling vs update).
+(seed, step), so a checkpoint needs only weights, optimizer and scheduler, and a run killed
+between checkpoints resumes bit-exactly, rollouts included (`tests/test_resume_kill.py`).
+Per-step records go to `metrics.jsonl`: reward, accuracy per env, response length, entropy,
+KL, clip fraction, the dropped and uninformative group fractions, turns, tool calls, and where
+the time went (sampling vs update).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from stacklab.train.checkpoint import (
     load_model,
     resume_fine_tuning,
     save_fine_tuning,
+    seed_everything,
     write_model,
 )
 from stacklab.train.optim import build_optimizer
@@ -206,7 +210,7 @@ def collect(
                 break
     if kept_rewards:
         rewards = torch.stack(kept_rewards)
-        advantages = group_advantages(rewards, cfg.advantage).flatten()
+        advantages = group_advantages(rewards, cfg.advantage_scale).flatten()
         flat = rewards.flatten()
     else:
         advantages = flat = torch.zeros(0)
@@ -373,6 +377,7 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
         )
     ref = load_model(base).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     sources = task_sources(recipe)
+    seed_everything(recipe.seed)  # the random states checkpoints save: the same in every process
     optim_cfg = rl_optim(cfg)
     optimizer = build_optimizer(model, optim_cfg)
     updates_per_step = cfg.epochs * -(-cfg.prompts_per_step * cfg.group_size // cfg.minibatch_size)

@@ -228,6 +228,14 @@ def load_checkpoint(path: str | Path, cfg: ModelConfig) -> Checkpoint:
     )
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: a run starts from the same random
+    states in every process, so the states its checkpoints save do not depend on the process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def restore_rng(ckpt: Checkpoint) -> None:
     """Put every random generator back where it was when the checkpoint was saved."""
     rng = ckpt.state["rng"]

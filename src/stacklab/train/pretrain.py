@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
@@ -37,7 +36,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,6 +54,7 @@ from stacklab.train.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    seed_everything,
     write_model,
 )
 from stacklab.train.optim import build_optimizer
@@ -103,9 +102,7 @@ def _train(
 ) -> Metrics:
     cfg = recipe.pretrain
     peak = measure_peak_flops(world.device)  # before seeding: it must not touch the RNGs
-    random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
+    seed_everything(recipe.seed)
     raw = build_model(recipe.model, vocab_size).to(world.device)
     raw.set_activation_checkpointing(cfg.activation_checkpointing)
     wrapped = D.wrap_model(raw, world, cfg.parallel)

@@ -40,6 +40,7 @@ from stacklab.train.checkpoint import (
     load_model,
     resume_fine_tuning,
     save_fine_tuning,
+    seed_everything,
     write_model,
 )
 from stacklab.train.optim import build_optimizer
@@ -185,7 +186,7 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
 def _train(recipe: Recipe, model: Any, schedule: Schedule, work_dir: Path) -> Metrics:
     cfg = recipe.sft
     optim_cfg = sft_optim(cfg)
-    torch.manual_seed(recipe.seed)
+    seed_everything(recipe.seed)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
     ckpt_root = work_dir / "checkpoints"
