@@ -276,7 +276,7 @@ def test_a_lease_is_renewed_while_its_store_lives(tmp_path: Path) -> None:
         assert reaper.reset_dead() == 1 and reaper.get(key).status == "pending"  # type: ignore[union-attr]
 
 
-def test_a_store_from_before_leases_gets_the_owner_column(tmp_path: Path) -> None:
+def test_a_store_from_before_leases_gets_the_owner_and_code_columns(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -296,7 +296,9 @@ def test_a_store_from_before_leases_gets_the_owner_column(tmp_path: Path) -> Non
         )
     engine.dispose()
     with RunStore(url, reset_stale=False) as store:
-        assert store.get("k").owner is None  # type: ignore[union-attr]
+        old = store.get("k")
+        assert old is not None and old.owner is None and old.code is None
+        assert old.provenance is None
         assert store.reset_dead() == 1  # a claim from before leases has no live claimer
         assert [r.owner for r in store.claim_pending(1)] == [store.owner]
 

@@ -439,6 +439,7 @@ REPORT_SECTIONS = (  # the report's <h2> sections, in order
     "Interactions",
     "Pareto front",
     "Credit",
+    "Code",
     "Batches and runs",
 )
 

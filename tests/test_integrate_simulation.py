@@ -26,7 +26,8 @@ from integrate_sim.scenarios import Scenario, kitchen_sink, small, write_round
 from stacklab.cli import main as cli_main
 from stacklab.integrate.engine import integrate
 from stacklab.integrate.round import RoundError
-from stacklab.integrate.store import RunStore
+from stacklab.integrate.store import Run, RunStore
+from stacklab.recipe import canonical_hash
 
 ENGINE = "import sys; from stacklab.cli import main; sys.exit(main())"
 
@@ -277,6 +278,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return integrate(round_file, root / "out", console=quiet()).decision
 
 
+def config_and_seed(run: Run) -> tuple[str, int]:
+    """What the stand-in trainer logs of a run: its config's hash (no seed) and the seed (the
+    store's own hash also covers the trainer's code)."""
+    return canonical_hash({k: v for k, v in run.recipe.items() if k != "seed"}), run.seed
+
+
 def comparable(decision: dict) -> dict:
     return {k: v for k, v in decision.items() if k != "round_file"}
 
@@ -295,7 +302,7 @@ def test_resume_after_sigkill_same_decision_no_run_repeated(
 
     assert run_engine(round_file, out) == -9  # killed by the kill_after-th finished run
     with RunStore(f"sqlite:///{out / 'runs.db'}", reset_stale=False) as store:
-        done_before = {(r.recipe_hash, r.seed) for r in store.runs(status="done")}
+        done_before = {config_and_seed(r) for r in store.runs(status="done")}
     assert 0 < len(done_before) < reference["runs"]["total"]
     assert not (out / "decision.json").exists()
 
@@ -305,7 +312,7 @@ def test_resume_after_sigkill_same_decision_no_run_repeated(
     counts = log_counts(log)
     assert all(counts[k] == 1 for k in done_before)  # no finished run trained again
     with RunStore(f"sqlite:///{out / 'runs.db'}") as store:
-        final = {(r.recipe_hash, r.seed) for r in store.runs(status="done")}
+        final = {config_and_seed(r) for r in store.runs(status="done")}
     assert set(counts) == final
     assert not list((out / "runs").glob(".*.tmp-*"))
 

@@ -1,5 +1,6 @@
 """The content-addressed stage cache, on toy stages (fast); the real stages are in test_build."""
 
+import importlib
 import json
 import os
 import signal
@@ -15,9 +16,15 @@ from stacklab.pipeline import MARKER, Stage, StageContext, build, stage_keys
 from stacklab.recipe import Recipe, apply_overrides
 
 
-def toy_stages(calls: list[str], fail_in: str | None = None) -> list[Stage]:
+def toy_stages(
+    calls: list[str], fail_in: str | None = None, hang_at: Path | None = None
+) -> list[Stage]:
     def run_a(ctx: StageContext) -> dict:
         calls.append("a")
+        if hang_at is not None:
+            (ctx.out / "a.txt").write_text("half")  # partly written ...
+            hang_at.write_text("x")
+            time.sleep(600)  # ... when the SIGKILL arrives
         (ctx.out / "a.txt").write_text(str(ctx.recipe.seed))
         return {"a/seed": ctx.recipe.seed}
 
@@ -112,29 +119,28 @@ def test_until_stops_early_and_rejects_unknown(tmp_path: Path) -> None:
         build(Recipe(), tmp_path / "run", toy_stages(calls), tmp_path / "c", until="z")
 
 
+# The toy stages come from this file, so that the killed build's stage has the same key (its
+# code is part of it) as the one the test re-runs.
 KILLED_BUILD = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from pathlib import Path
-    from stacklab.pipeline import Stage, build
+
+    sys.path.insert(0, sys.argv[3])
+    from stacklab.pipeline import build
     from stacklab.recipe import Recipe
+    from test_pipeline import toy_stages
 
     cache, ready = Path(sys.argv[1]), Path(sys.argv[2])
-
-    def hang(ctx):
-        (ctx.out / "a.txt").write_text("half")  # partly written ...
-        ready.write_text("x")
-        time.sleep(600)  # ... when the SIGKILL arrives
-
-    build(Recipe(), cache.parent / "run", [Stage("a", 1, (), lambda r: {"seed": r.seed}, hang)],
-          cache)
+    build(Recipe(), cache.parent / "run", toy_stages([], hang_at=ready)[:1], cache)
     """
 )
 
 
 def test_build_killed_mid_stage_completes_on_rerun(tmp_path: Path) -> None:
     cache, ready = tmp_path / "cache", tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(cache), str(ready)])
+    here = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(cache), str(ready), here])
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -147,6 +153,7 @@ def test_build_killed_mid_stage_completes_on_rerun(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
     key = stage_keys(Recipe(), toy_stages([]))["a"]
     assert not (cache / "a" / key).exists()  # nothing half-written is taken as done
+    assert list((cache / "a").glob(f"{key}.tmp-*"))  # the killed attempt, under the same key
 
     calls: list[str] = []
     result = build(Recipe(), tmp_path / "run", toy_stages(calls), cache)
@@ -174,3 +181,48 @@ def test_resumable_stage_keeps_its_work_directory(tmp_path: Path) -> None:
     assert attempts == [[], ["ckpt1"]]
     assert result.metrics == {"resumed_from": 1}
     assert not list((tmp_path / "cache" / "train").glob("*.partial"))
+
+
+def test_editing_a_stage_module_changes_its_key_and_its_dependents_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key covers the code: the run's module and what it imports, however deep."""
+    pkg = tmp_path / "toy_code_pkg"
+    pkg.mkdir()
+    files = {
+        "__init__.py": "",
+        "helper.py": "FACTOR = 2\n",
+        "stage_a.py": "from .helper import FACTOR\n\ndef run(ctx):\n    return {'a': FACTOR}\n",
+        "stage_b.py": "def run(ctx):\n    return {}\n",
+        # imported inside the function only
+        "stage_c.py": "def run(ctx):\n    from toy_code_pkg import extra\n    return {}\n",
+        "extra.py": "X = 1\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run = {n: importlib.import_module(f"toy_code_pkg.stage_{n}").run for n in "abc"}
+    finally:  # the functions keep their modules; sys.modules need not
+        for name in [m for m in sys.modules if m.partition(".")[0] == "toy_code_pkg"]:
+            del sys.modules[name]
+    stages = [
+        Stage("a", 1, (), lambda r: {}, run["a"]),
+        Stage("b", 1, ("a",), lambda r: {}, run["b"]),
+        Stage("c", 1, (), lambda r: {}, run["c"]),
+    ]
+    k0 = stage_keys(Recipe(), stages)
+    assert stage_keys(Recipe(), stages) == k0
+
+    (pkg / "helper.py").write_text("FACTOR = 3\n")  # a helper of a's (a relative import)
+    k1 = stage_keys(Recipe(), stages)
+    assert k1["a"] != k0["a"] and k1["b"] != k0["b"]  # a, and b that reads a's output
+    assert k1["c"] == k0["c"]
+
+    (pkg / "extra.py").write_text("X = 2\n")  # imported inside c's function
+    k2 = stage_keys(Recipe(), stages)
+    assert k2["c"] != k1["c"] and (k2["a"], k2["b"]) == (k1["a"], k1["b"])
+
+    (pkg / "stage_b.py").write_text(files["stage_b.py"] + "# a comment counts too\n")
+    k3 = stage_keys(Recipe(), stages)
+    assert k3["b"] != k2["b"] and (k3["a"], k3["c"]) == (k2["a"], k2["c"])

@@ -12,17 +12,26 @@ named by a hash of exactly those: `CACHE/<stage>/<key>`. That buys three things:
 
 A per-key file lock lets several builds (say, parallel runs of an integration round) share one
 cache: the second builder of a stage waits, then finds it complete.
+
+The key also covers the stage's own code: the source of the module that defines `run` and of
+every stacklab module it imports, directly or not (`stage_code_hash`). Editing a module rebuilds
+the stages whose code reaches it and the stages after them, with no version to bump. The unit
+is the module, not the function: the three data stages share `data/build.py`, so an edit to
+the tokenizer's code rebuilds the corpus stage too.
 """
 
 from __future__ import annotations
 
+import ast
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +61,11 @@ class Stage:
 
     `config` returns the settings the stage reads (its cache key covers nothing else, so it
     must return everything that changes the output); `fingerprint` identifies external inputs
-    such as user data files by content. Bump `version` when the stage's code changes what it
-    writes. A `resumable` stage (training) finds its previous attempt's files in `ctx.out`
-    and must only trust what it wrote atomically there (its checkpoints).
+    such as user data files by content. The key covers the stage's code by itself (see
+    `stage_code_hash`), so a code change needs no `version` bump; `version` still counts, for
+    what the code hash cannot see (a change in a third-party library, say). A `resumable`
+    stage (training) finds its previous attempt's files in `ctx.out` and must only trust what
+    it wrote atomically there (its checkpoints).
     """
 
     name: str
@@ -98,8 +109,9 @@ def default_cache_root() -> Path:
 
 
 def stage_keys(recipe: Recipe, stages: list[Stage]) -> dict[str, str]:
-    """The cache key of every stage, each covering its config and its inputs' keys."""
+    """The cache key of every stage, each covering its config, its code and its inputs' keys."""
     keys: dict[str, str] = {}
+    digests: dict[Path, str] = {}  # files read once per call, shared by the stages
     for stage in stages:
         missing = [d for d in stage.deps if d not in keys]
         if missing:
@@ -108,6 +120,7 @@ def stage_keys(recipe: Recipe, stages: list[Stage]) -> dict[str, str]:
             {
                 "stage": stage.name,
                 "version": stage.version,
+                "code": stage_code_hash(stage, digests),
                 "config": stage.config(recipe),
                 "fingerprint": stage.fingerprint(recipe) if stage.fingerprint else None,
                 "inputs": {d: keys[d] for d in stage.deps},
@@ -230,6 +243,152 @@ def build(
     write_atomic(out / "build.json", json.dumps({"stages": report}, indent=2))
     write_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2, sort_keys=True))
     return result
+
+
+# --------------------------------------------------------------------------- stage code
+
+# Modules left out of every stage's code hash: the harness that runs stages and caches their
+# output, not code that decides what a stage writes.
+NOT_STAGE_CODE = frozenset({"stacklab.pipeline"})
+
+
+def stage_code_hash(stage: Stage, digests: dict[Path, str] | None = None) -> str | None:
+    """A hash of the code behind `stage.run`, or None where it has no source file.
+
+    It covers the source bytes of the module that defines `run` and, transitively, of every
+    module it imports from stacklab (or from the run module's own top-level package), found by
+    parsing `import` statements anywhere in each file, function bodies included, and resolving
+    them on disk (`import_closure`); package `__init__` files count, since importing runs
+    them. Only contents count, never paths, so a checkout and an installed copy agree. A
+    `run` defined where there is no source (in `python -c`, a REPL) has only `version`.
+    `digests` memoizes the files already read (path → sha256).
+    """
+    run: Any = stage.run
+    while hasattr(run, "func"):  # functools.partial
+        run = run.func
+    name = getattr(run, "__module__", None) or type(run).__module__
+    code = getattr(run, "__code__", None)
+    file = code.co_filename if code else getattr(sys.modules.get(name), "__file__", None)
+    if not name or not file or not Path(file).is_file():
+        return None
+    roots = [(_STACKLAB_ROOT, frozenset({"stacklab"}))]
+    if (own := _package_root(Path(file), name)) is not None and own != _STACKLAB_ROOT:
+        roots.append((own, frozenset({name.partition(".")[0]})))
+    found = import_closure(Path(file), name, roots, skip=NOT_STAGE_CODE, digests=digests)
+    return canonical_hash(sorted(found.values()))
+
+
+def import_closure(
+    start: Path,
+    module: str,
+    roots: Sequence[tuple[Path, frozenset[str] | None]],
+    skip: frozenset[str] = frozenset(),
+    digests: dict[Path, str] | None = None,
+) -> dict[Path, str]:
+    """`start` and every Python file it imports, directly or not: resolved path → sha256 of
+    its bytes.
+
+    `module` is the dotted name `start` is imported as ("" for a script run by path, whose
+    relative imports are then ignored). An imported name `a.b.c` is looked for as
+    `ROOT/a/b/c.py` or `ROOT/a/b/c/__init__.py` under each of `roots`, a root given with a set
+    of top-level names only serving those; `a` and `a.b` count too (importing runs them). A
+    name found under no root (the standard library, third-party packages) is not followed,
+    nor is one in `skip`. Imports are read with `ast` from the whole file, so one inside a
+    function or an `if TYPE_CHECKING:` block counts as well; a file that does not parse is
+    hashed but not followed.
+    """
+    digests = {} if digests is None else digests
+    roots = [(Path(root).resolve(), tops) for root, tops in roots]
+    found: dict[Path, str] = {}
+    todo = [(Path(start).resolve(), module)]
+    parents = module.split(".")[:-1]  # importing `start` ran its packages' __init__ too
+    for n in range(1, len(parents) + 1):
+        if (parent := _module_file(".".join(parents[:n]), roots)) is not None:
+            todo.append((parent, ".".join(parents[:n])))
+    while todo:
+        path, name = todo.pop()
+        if path in found:
+            continue
+        data = None
+        if path not in digests:
+            data = path.read_bytes()
+            digests[path] = hashlib.sha256(data).hexdigest()
+        digest = found[path] = digests[path]
+        if path.suffix != ".py":
+            continue
+        for imported in _imported_names(path, data, digest, name):
+            parts = imported.split(".")
+            for n in range(1, len(parts) + 1):
+                dotted = ".".join(parts[:n])
+                if dotted in skip:
+                    break
+                target = _module_file(dotted, roots)
+                if target is not None and target not in found:
+                    todo.append((target, dotted))
+    return found
+
+
+_IMPORTS: dict[str, tuple[tuple[str, int, tuple[str, ...]], ...]] = {}  # sha256 → imports
+
+
+def _imported_names(path: Path, data: bytes | None, digest: str, module: str) -> list[str]:
+    """Dotted names a file's imports may load, relative ones made absolute (parsed once)."""
+    if digest not in _IMPORTS:
+        try:
+            tree = ast.parse(path.read_bytes() if data is None else data)
+        except (SyntaxError, ValueError):
+            tree = ast.Module(body=[], type_ignores=[])
+        found: list[tuple[str, int, tuple[str, ...]]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.extend((alias.name, 0, ()) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names = tuple(a.name for a in node.names if a.name != "*")
+                found.append((node.module or "", node.level, names))
+        _IMPORTS[digest] = tuple(found)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: list[str] = []
+    for base, level, members in _IMPORTS[digest]:
+        if level:
+            anchor = package
+            for _ in range(level - 1):
+                anchor = anchor.rpartition(".")[0]
+            if not anchor:
+                continue  # beyond the top-level package, or a script's relative import
+            base = f"{anchor}.{base}" if base else anchor
+        if base:
+            names.append(base)
+            names.extend(f"{base}.{m}" for m in members)  # a submodule, or just an attribute
+    return names
+
+
+def _module_file(dotted: str, roots: Sequence[tuple[Path, frozenset[str] | None]]) -> Path | None:
+    parts = dotted.split(".")
+    for root, tops in roots:
+        if tops is not None and parts[0] not in tops:
+            continue
+        base = root.joinpath(*parts)
+        for candidate in (base.with_name(parts[-1] + ".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+_STACKLAB_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `stacklab/`
+
+
+def _package_root(file: Path, module: str) -> Path | None:
+    """The folder holding the top-level package of `module`, which `file` defines (None for a
+    top-level plain module, or where the file's place does not match the name)."""
+    parts = module.split(".")
+    up = len(parts) if file.name == "__init__.py" else len(parts) - 1
+    if up == 0:
+        return None
+    parents = file.resolve().parents
+    if up >= len(parents):
+        return None
+    root = parents[up]
+    return root if _module_file(module, [(root, None)]) is not None else None
 
 
 # --------------------------------------------------------------------------- file helpers

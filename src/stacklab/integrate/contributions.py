@@ -1,4 +1,4 @@
-"""Contributions: proposed changes to the baseline recipe, each a small patch with an author.
+"""Contributions: proposed changes to the baseline, each a patch and/or a git ref, with an author.
 
 A contribution is one YAML file:
 
@@ -10,11 +10,18 @@ A contribution is one YAML file:
     patch:
       optim.name: muon
 
+The baseline is a stacklab recipe or, for a round with an external runner, any YAML, JSON or
+TOML config file (`stacklab.integrate.configs`). A contribution may also, or instead, carry
+`git: REF`, a branch, tag or commit of the round's repository: its code change. It needs a
+patch, a git ref, or both; merging the refs, and the conflicts between them, are the engine's
+business, not this module's.
+
 It is checked against the round's baseline when it is loaded, not when its first run fails an
-hour later: every patch key must exist in the baseline recipe, and the patched recipe must
-validate. Patch values are kept in their validated JSON form (`3e-3` becomes 0.003, a section
-becomes the whole section with its defaults), so that equal settings compare equal and a
-patch means the same thing whichever order patches are applied in.
+hour later: every patch key must exist in the baseline, and the patched recipe must validate
+(a config file must be able to hold the values: TOML has no null). Patch values are kept in
+canonical form (for a recipe the validated JSON form: `3e-3` becomes 0.003, a section becomes
+the whole section with its defaults), so that equal settings compare equal and a patch means
+the same thing whichever order patches are applied in.
 
 Two contributions that set one setting to different values cannot both go into the model:
 they are in one choice group, and a subset is allowed only if it takes at most one member of
@@ -26,7 +33,6 @@ read without knowing whose work it is; `reveal` maps them back for the final cre
 
 from __future__ import annotations
 
-import copy
 import difflib
 import re
 from collections.abc import Iterable
@@ -35,23 +41,43 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from stacklab.errors import RecipeError, StacklabError
-from stacklab.recipe import Recipe, canonical_hash, get_dotted, recipe_from_dict
+from stacklab.integrate.configs import Baseline, ContributionError, RecipeBaseline
+from stacklab.recipe import Recipe, canonical_hash, get_dotted
 
 Area = Literal["data", "architecture", "optimizer", "rl", "agent", "systems"]
 
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_REF = re.compile(r"[^\s-]\S*")
 
-
-class ContributionError(StacklabError):
-    """A contribution file, or a combination of contributions, is invalid."""
+__all__ = [
+    "Contribution",
+    "ContributionError",
+    "Revealed",
+    "allowed",
+    "apply_subset",
+    "as_baseline",
+    "blind_ids",
+    "choice_groups",
+    "conflicts",
+    "load_contributions",
+    "patch_subset",
+    "reveal",
+]
 
 
 class Contribution(BaseModel):
-    """One proposed patch to the baseline recipe, with who proposed it and why."""
+    """One proposed change to the baseline (a patch, a git ref, or both), with who proposed it
+    and why."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,7 +85,12 @@ class Contribution(BaseModel):
     area: Area
     summary: str = Field(description="one line")
     citation: str | None = Field(None, description="where the idea comes from, if published")
-    patch: dict[str, Any] = Field(description="dotted recipe key -> value")
+    git: str | None = Field(
+        None, description="a branch, tag or commit of the round's repository: the code change"
+    )
+    patch: dict[str, Any] = Field(
+        default_factory=dict, description="dotted key of the baseline -> value"
+    )
     author: str
     source: Path = Field(description="the file it was read from (set by the loader)")
 
@@ -83,11 +114,32 @@ class Contribution(BaseModel):
             raise ValueError("must be one line")
         return value
 
+    @field_validator("git", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            # `git: 1234567` or `git: 8e10` (a short hash): YAML already made it a number.
+            raise ValueError(f"YAML read the ref as the number {value!r}: quote it")
+        return value
+
+    @field_validator("git")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not _REF.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a git ref (a branch, tag or commit: no spaces, "
+                "not starting with '-')"
+            )
+        return value
+
     @field_validator("patch")
     @classmethod
     def _dotted_keys(cls, patch: dict[str, Any]) -> dict[str, Any]:
         if not patch:
-            raise ValueError("must set at least one recipe key")
+            raise ValueError("must set at least one recipe key (leave it out for git: alone)")
         bad = [key for key in patch if not isinstance(key, str) or not _KEY.fullmatch(key)]
         if bad:
             raise ValueError(f"keys must be dotted recipe keys like optim.lr; bad: {bad}")
@@ -97,6 +149,12 @@ class Contribution(BaseModel):
                 if inner.startswith(outer + "."):
                     raise ValueError(f"keys {outer!r} and {inner!r} overlap; set only one")
         return patch
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Contribution:
+        if not self.patch and self.git is None:
+            raise ValueError("a contribution needs a patch:, a git: ref, or both")
+        return self
 
 
 class Revealed(NamedTuple):
@@ -109,14 +167,14 @@ class Revealed(NamedTuple):
 # --------------------------------------------------------------------------- loading
 
 
-def load_contributions(paths: list[Path], baseline: Recipe) -> list[Contribution]:
+def load_contributions(paths: list[Path], baseline: Baseline | Recipe) -> list[Contribution]:
     """Read and check contribution files, in the order given (a folder's files sorted by name).
 
     Each path is one YAML file or a folder whose `*.yaml`/`*.yml` files are read. Every error
-    names the file. The returned patches hold validated values (see the module docstring).
+    names the file. The returned patches hold canonical values (see the module docstring).
+    A git ref is only checked for its form here: whether it exists is the engine's check.
     """
-    base = baseline.to_dict()
-    keys = _all_keys(base)
+    base = as_baseline(baseline)
     seen: dict[str, Path] = {}
     loaded = []
     for file in _expand(paths):
@@ -126,8 +184,13 @@ def load_contributions(paths: list[Path], baseline: Recipe) -> list[Contribution
                 f"{file}: duplicate id '{contrib.id}' (also in {seen[contrib.id]})"
             )
         seen[contrib.id] = file
-        loaded.append(_check_against(contrib, base, keys))
+        loaded.append(_check_against(contrib, base))
     return loaded
+
+
+def as_baseline(baseline: Baseline | Recipe) -> Baseline:
+    """A Baseline as is; a Recipe wrapped in a RecipeBaseline."""
+    return RecipeBaseline(baseline) if isinstance(baseline, Recipe) else baseline
 
 
 def _expand(paths: Iterable[Path]) -> list[Path]:
@@ -172,6 +235,8 @@ def _describe(exc: ValidationError) -> str:
     # A misspelt field also reports the real one missing: name the misspelling first.
     err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     field = ".".join(str(part) for part in err["loc"])
+    if not field:  # a check of the whole contribution
+        return err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, _fields(), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -186,48 +251,11 @@ def _fields() -> list[str]:
     return [name for name in Contribution.model_fields if name != "source"]
 
 
-def _check_against(contrib: Contribution, base: dict[str, Any], keys: set[str]) -> Contribution:
-    """Reject unknown keys and invalid values; return the patch with validated values."""
-    for key in contrib.patch:
-        if key not in keys:
-            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ContributionError(
-                f"{contrib.source}: patch key '{key}' is not in the baseline recipe{hint}"
-            )
-    data = copy.deepcopy(base)
-    _apply_patch(data, contrib.patch)
-    try:
-        patched = recipe_from_dict(data, origin=f"{contrib.source}: invalid patch").to_dict()
-    except RecipeError as exc:
-        raise ContributionError(str(exc)) from None
-    return contrib.model_copy(update={"patch": {k: get_dotted(patched, k) for k in contrib.patch}})
-
-
-def _all_keys(node: Any, prefix: str = "") -> set[str]:
-    """Every dotted path into a recipe dict: sections, values and list items alike."""
-    if isinstance(node, dict):
-        items: Iterable[tuple[Any, Any]] = node.items()
-    elif isinstance(node, list):
-        items = enumerate(node)
-    else:
-        return set()
-    keys: set[str] = set()
-    for part, child in items:
-        key = f"{prefix}{part}"
-        keys.add(key)
-        keys |= _all_keys(child, key + ".")
-    return keys
-
-
-def _apply_patch(data: dict[str, Any], patch: dict[str, Any]) -> None:
-    """Set each dotted key in a recipe dict, in place (keys are known to exist)."""
-    for key in sorted(patch):
-        *path, last = key.split(".")
-        node: Any = data
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[int(last) if isinstance(node, list) else last] = copy.deepcopy(patch[key])
+def _check_against(contrib: Contribution, baseline: Baseline) -> Contribution:
+    """Reject unknown keys and invalid values; return the patch with canonical values."""
+    if not contrib.patch:
+        return contrib
+    return contrib.model_copy(update={"patch": baseline.check(contrib.patch, contrib.source)})
 
 
 # --------------------------------------------------------------------------- choice groups
@@ -310,11 +338,32 @@ def allowed(subset: AbstractSet[str], groups: list[list[str]]) -> bool:
 def apply_subset(
     baseline: Recipe, contribs: Iterable[Contribution], subset: AbstractSet[str]
 ) -> Recipe:
-    """The baseline with the patches of `subset` applied (in id order), validated.
+    """The baseline recipe with the patches of `subset` applied (in id order), validated.
 
     Raises ContributionError for unknown ids, for a subset that takes two members of one choice
     group, and for patches that are valid alone but give an invalid recipe together.
     """
+    patches, origin = _subset_patches(contribs, subset)
+    return RecipeBaseline(baseline).patched(patches, origin)
+
+
+def patch_subset(
+    baseline: Baseline | Recipe, contribs: Iterable[Contribution], subset: AbstractSet[str]
+) -> tuple[dict[str, Any], str]:
+    """(data, text) of any baseline with the patches of `subset` applied, in id order.
+
+    `data` is plain JSON-like data (for the run's identity), `text` the patched file in the
+    baseline's format (written as `recipe<baseline.suffix>`). Members without a patch change
+    nothing here. Errors as for `apply_subset`.
+    """
+    patches, origin = _subset_patches(contribs, subset)
+    return as_baseline(baseline).apply(patches, origin)
+
+
+def _subset_patches(
+    contribs: Iterable[Contribution], subset: AbstractSet[str]
+) -> tuple[list[dict[str, Any]], str]:
+    """The patches of `subset` in id order, and "baseline + a + b" to name the result."""
     contribs = list(contribs)
     by_id = _by_id(contribs)
     unknown = sorted(set(subset) - by_id.keys())
@@ -325,14 +374,8 @@ def apply_subset(
     if clashes:
         shown = "; ".join(" vs ".join(c) for c in clashes)
         raise ContributionError(f"subset takes mutually exclusive contributions: {shown}")
-    data = baseline.to_dict()
-    for cid in sorted(subset):
-        _apply_patch(data, by_id[cid].patch)
     names = " + ".join(sorted(subset)) or "nothing"
-    try:
-        return recipe_from_dict(data, origin=f"baseline + {names}")
-    except RecipeError as exc:
-        raise ContributionError(f"invalid combination: {exc}") from None
+    return [by_id[cid].patch for cid in sorted(subset)], f"baseline + {names}"
 
 
 def _by_id(contribs: Iterable[Contribution]) -> dict[str, Contribution]:
@@ -348,11 +391,15 @@ def _by_id(contribs: Iterable[Contribution]) -> dict[str, Contribution]:
 
 
 def blind_ids(contribs: Iterable[Contribution]) -> dict[str, str]:
-    """id -> opaque id ("c-" + 6 hex digits of a hash of id and patch), stable across runs."""
-    blind = {
-        c.id: "c-" + canonical_hash({"id": c.id, "patch": c.patch})[:6]
-        for c in _by_id(contribs).values()
-    }
+    """id -> opaque id ("c-" + 6 hex digits of a hash of id, patch and git ref), stable across
+    runs. The git ref enters the hash only when set, so patch-only contributions keep the blind
+    ids they had before contributions could carry one."""
+    blind = {}
+    for c in _by_id(contribs).values():
+        hashed: dict[str, Any] = {"id": c.id, "patch": c.patch}
+        if c.git is not None:
+            hashed["git"] = c.git
+        blind[c.id] = "c-" + canonical_hash(hashed)[:6]
     if len(set(blind.values())) != len(blind):
         raise ContributionError("two contributions got the same blind id; rename one of them")
     return blind

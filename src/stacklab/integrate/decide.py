@@ -236,9 +236,8 @@ class Evidence:
             rivals = sorted(self.final.intersection(group)) if i in group else []
             if rivals:
                 y = rivals[0]
-                keys = _shared_keys(rnd.contributions[i].patch, rnd.contributions[y].patch)
                 text = (
-                    f"conflicts with {ids[y]}: both set {', '.join(keys)} (a choice group), "
+                    f"conflicts with {ids[y]}: {rnd.conflict(i, y)} (a choice group), "
                     f"and the final recipe takes {ids[y]}"
                 )
                 if tested is not None and tested.kind == "swap" and tested.interval.n:
@@ -474,10 +473,3 @@ def _guard_state_text(c: GuardCheck) -> str:
     if c.state == "breached":
         return f"breached: {text}"
     return f"{text}: the runs rule out a breach larger than {-iv.low:.3g} only"
-
-
-def _shared_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    keys = [
-        k for k in a if k in b or any(k.startswith(o + ".") or o.startswith(k + ".") for o in b)
-    ]
-    return sorted(keys) or sorted(a)

@@ -49,7 +49,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from stacklab.errors import StacklabError
-from stacklab.integrate.contributions import apply_subset
 from stacklab.integrate.credit import Credit
 from stacklab.integrate.decide import (
     SCREEN_LEVEL,
@@ -71,6 +70,7 @@ from stacklab.integrate.planner import (
     propose,
     screening_design,
 )
+from stacklab.integrate.provenance import stale_reason
 from stacklab.integrate.report import write_reports
 from stacklab.integrate.round import Round, RoundError, load_round
 from stacklab.integrate.runners import (
@@ -99,8 +99,8 @@ from stacklab.integrate.verdicts import (
     pooled_noise,
     verdict,
 )
+from stacklab.integrate.workspace import Resolved
 from stacklab.progress import progress_bar
-from stacklab.recipe import canonical_hash
 
 MAX_BATCHES = 50  # adaptive batches; the budget normally stops a round long before
 MAX_ATTEMPTS = 6  # rounds of comparisons (each change of the final recipe starts one)
@@ -162,8 +162,8 @@ def integrate(
     round_file: str | Path, out_dir: str | Path, console: Console | None = None
 ) -> RoundResult:
     """Run a round to its decision; write decision.json, report.md and report.html in out_dir."""
-    rnd = load_round(round_file)
-    out = Path(out_dir).absolute()  # runs execute in the round file's folder
+    out = Path(out_dir).absolute()  # runs execute in the round file's folder (or their tree)
+    rnd = load_round(round_file, out)
     out.mkdir(parents=True, exist_ok=True)
     # The folder's own SQLite store is this engine's alone: a second engine on the folder is
     # refused at once. A store the round names may be shared: engines cooperate through it.
@@ -206,7 +206,13 @@ class _Session:
         self.n = len(rnd.contributions)
         self.points: dict[str, DesignRun] = {}
         self.batches: list[Batch] = []
-        self._recipes: dict[Subset, tuple[str, dict[str, Any]]] = {}
+        self._resolved: dict[str, Resolved] = {}  # run key -> its config and code
+        # This round's finished runs from earlier invocations, by (blind subset, seed): a
+        # request under a new key for one of them sets it aside as stale (other code).
+        self._earlier: dict[tuple[tuple[str, ...], int], list[Run]] = {}
+        for run in store.runs(round=rnd.name, status="done"):
+            self._earlier.setdefault((tuple(sorted(run.subset)), run.seed), []).append(run)
+        self.stale: dict[str, str] = {}  # run key -> why it no longer counts
         self._metrics: dict[str, dict[str, float] | None] = {}  # finished runs' metrics
         self.notes: list[str] = []
         self.objectives: list[Objective] = list(rnd.objectives)  # scales fixed after screening
@@ -262,6 +268,12 @@ class _Session:
         choice = self._propose(fits).table
         screen_fit = self.fit(set(rnd.seeds))
         views = Views(full=fits, screen=screen_fit)
+        if self.stale:
+            counts = _count_reasons(self.stale)
+            self.say(
+                f"{len(self.stale)} stored runs of this round set aside as stale: "
+                + "; ".join(f"{n} because {why}" for why, n in counts.items())
+            )
         return self._result(views, choice, chosen, conf, stopped)
 
     def _calibrate(self) -> None:
@@ -767,13 +779,10 @@ class _Session:
         return len(self.points)
 
     def recipe(self, subset: Subset) -> tuple[str, dict[str, Any]]:
-        """(hash, dict) of the baseline with `subset` applied, without the seed."""
-        if subset not in self._recipes:
-            ids = {self.rnd.ids[i] for i in subset}
-            data = apply_subset(self.rnd.baseline, self.rnd.contributions, ids).to_dict()
-            data.pop("seed")
-            self._recipes[subset] = (canonical_hash(data), data)
-        return self._recipes[subset]
+        """(hash, config) of the baseline with `subset` applied, without the seed: the hash
+        names the config and the code that runs it (workspace.py)."""
+        resolved = self.rnd.workspace.resolve(subset)
+        return resolved.run_hash, resolved.data
 
     def key(self, subset: Subset, seed: int) -> str:
         return run_key(self.recipe(subset)[0], seed)
@@ -792,14 +801,25 @@ class _Session:
         number = len(self.batches)
         self.batches.append(Batch(number, purpose, list(subsets), list(seeds), dict(why or {})))
         keys = []
+        recipe = self.rnd.workspace.is_recipe
         for subset in subsets:
-            recipe_hash, data = self.recipe(subset)
+            resolved = self.rnd.workspace.resolve(subset)
             blind = [self.rnd.blind[self.rnd.ids[i]] for i in subset]
             for seed in seeds:
+                config = {**resolved.data, "seed": seed} if recipe else resolved.data
                 run = self.store.request(
-                    recipe_hash, seed, blind, self.rnd.name, number, {**data, "seed": seed}
+                    resolved.run_hash,
+                    seed,
+                    blind,
+                    self.rnd.name,
+                    number,
+                    config,
+                    code=resolved.code,
+                    provenance=resolved.provenance,
                 )
                 self.points.setdefault(run.key, DesignRun(run.key, subset, seed, number))
+                self._resolved[run.key] = resolved
+                self._set_aside_stale(blind, seed, run.key, resolved)
                 keys.append(run.key)
         runs = self._runs(keys)
         todo = [k for k in dict.fromkeys(keys) if runs[k].status != "done"]
@@ -828,11 +848,34 @@ class _Session:
                     if self._wait_for_others(keys):
                         continue
                     break
-                jobs = [Job(r.key, r.recipe, r.seed, runs_dir / r.key) for r in claimed]
+                jobs = [self._job(r, runs_dir) for r in claimed]
                 for outcome in self.executor.run(self.runner, jobs):
                     self._record(outcome)
                     if outcome.key in self.points:
                         bar.advance(task)
+
+    def _job(self, run: Run, runs_dir: Path) -> Job:
+        """The job of a claimed run: its config file, and the tree it runs in."""
+        resolved = self._resolved.get(run.key)
+        if resolved is None:  # not this session's run (cannot happen: claims are by key)
+            return Job(run.key, run.recipe, run.seed, runs_dir / run.key)
+        return Job(
+            run.key,
+            run.recipe,
+            run.seed,
+            runs_dir / run.key,
+            config_text=resolved.text,
+            config_name=resolved.filename,
+            cwd=self.rnd.workspace.cwd(resolved),
+        )
+
+    def _set_aside_stale(self, blind: list[str], seed: int, key: str, new: Resolved) -> None:
+        """Earlier runs of this round, subset and seed under another key: made by other code
+        or from another config, they are not reused. Count them, with the reason."""
+        for old in self._earlier.get((tuple(sorted(blind)), seed), []):
+            if old.key == key or old.key in self.stale:
+                continue
+            self.stale[old.key] = _stale_reason(old, new)
 
     def _record(self, outcome: Outcome) -> None:
         """Store a run's outcome. With a shared store, another engine may have finished the
@@ -961,6 +1004,29 @@ class _Session:
             return paired_interval(contrast, SCREEN_LEVEL)
         return paired_interval(contrast, SCREEN_LEVEL, noise, terms=4)
 
+    def _code_summary(self) -> dict[str, Any]:
+        """What code the runs ran: the base and each contribution's change (a git round), or
+        the fingerprint every run shares."""
+        ws = self.rnd.workspace
+        base = ws.resolve(frozenset())
+        summary: dict[str, Any] = {"baseline": {"code": base.code, **base.provenance}}
+        if ws.repo is not None:
+            summary["repo"] = str(ws.repo.path)
+            summary["base"] = {"ref": self.rnd.spec.base or "HEAD", "commit": ws.base}
+            summary["changes"] = {
+                self.rnd.ids[i]: {
+                    "ref": ch.ref,
+                    "commit": ch.commit,
+                    "merge_base": ch.merge_base,
+                    "files": list(ch.files),
+                    "insertions": ch.insertions,
+                    "deletions": ch.deletions,
+                    "diffstat": ch.diffstat,
+                }
+                for i, ch in sorted(ws.changes.items())
+            }
+        return summary
+
     def _result(
         self, views: Views, choice: Choice, chosen: Subset, conf: Confirmation, stopped: str
     ) -> RoundResult:
@@ -993,7 +1059,10 @@ class _Session:
                 "failed": sum(r.status == "failed" for r in status),
                 "total": len(status),
                 "budget": rnd.spec.budget,
+                "stale": len(self.stale),
             },
+            "stale": _count_reasons(self.stale),
+            "code": self._code_summary(),
             "predicted": ev.predicted(selected),
             "objectives": [
                 {"metric": o.name, "direction": o.direction, "weight": o.weight, "scale": o.scale}
@@ -1070,3 +1139,23 @@ def _factor(o: Objective) -> float:
 
 
 __all__ = ["RoundResult", "fmt", "integrate"]
+
+
+def _stale_reason(old: Run, new: Resolved) -> str:
+    """Why an earlier run of the same subset and seed is not this round's run."""
+    if old.code is None:
+        return "it was stored before runs recorded their code"
+    if old.code != new.code:
+        before, after = old.provenance or {}, new.provenance
+        if "tree" in after:
+            tree = str(before.get("tree", old.code))
+            return f"the code changed (tree {tree[:12]} -> {after['tree'][:12]})"
+        return stale_reason(dict(before.get("files", {})), dict(after.get("files", {})))
+    return "the config changed"
+
+
+def _count_reasons(stale: Mapping[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for why in stale.values():
+        counts[why] = counts.get(why, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

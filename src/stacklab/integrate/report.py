@@ -206,6 +206,7 @@ def markdown(result: RoundResult) -> str:
         f"Runs: {runs['executed']} executed, {runs['reused']} reused from the store, "
         f"{runs['failed']} failed, budget {runs['budget']}; stopped: {d['stopped']}.",
         "",
+        *_md_code(d),
         "| contribution | area | decision | evidence |",
         "|---|---|---|---|",
     ]
@@ -317,6 +318,7 @@ def html_page(result: RoundResult) -> str:
         _pareto_svg(result),
         "<h2>Credit</h2>",
         _credit_section(result),
+        _code_section(d),
         "<h2>Batches and runs</h2>",
         _batches_table(result),
         _runs_table(result),
@@ -325,6 +327,67 @@ def html_page(result: RoundResult) -> str:
         parts += ["<h2>Notes</h2><ul>", *(f"<li>{e(n)}</li>" for n in d["notes"]), "</ul>"]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p) + "\n"
+
+
+def _stale_text(d: dict[str, Any]) -> str:
+    stale = d.get("stale") or {}
+    if not stale:
+        return ""
+    why = "; ".join(f"{n} because {reason}" for reason, n in stale.items())
+    return f"{sum(stale.values())} stored runs of this round set aside as stale: {why}."
+
+
+def _md_code(d: dict[str, Any]) -> list[str]:
+    """The code the runs ran (a git round: base and each change's diffstat), and stale runs."""
+    code = d.get("code") or {}
+    lines = []
+    if "changes" in code:
+        base = code["base"]
+        lines += [
+            f"**Code:** `{code['repo']}` at `{base['ref']}` ({base['commit'][:12]}); each "
+            "subset merges its members' changes in round order.",
+            "",
+            "| contribution | ref | files | diffstat |",
+            "|---|---|---|---|",
+        ]
+        for cid, ch in code["changes"].items():
+            lines.append(
+                f"| `{cid}` | `{ch['ref']}` ({ch['commit'][:12]}) | "
+                f"{_md_cell(', '.join(ch['files']))} | +{ch['insertions']} -{ch['deletions']} |"
+            )
+        lines.append("")
+    stale = _stale_text(d)
+    if stale:
+        lines += [f"**Stale runs:** {stale}", ""]
+    return lines
+
+
+def _code_section(d: dict[str, Any]) -> str:
+    e = html.escape
+    code = d.get("code") or {}
+    stale = _stale_text(d)
+    parts = []
+    if "changes" in code:
+        base = code["base"]
+        rows = "".join(
+            f"<tr><td><code>{e(cid)}</code></td><td><code>{e(ch['ref'])}</code> "
+            f"<span class='muted small'>{e(ch['commit'][:12])}</span></td>"
+            f"<td class='small'><pre>{e(ch['diffstat'])}</pre></td></tr>"
+            for cid, ch in code["changes"].items()
+        )
+        parts.append(
+            f"<p class='small'>Repository <code>{e(code['repo'])}</code> at "
+            f"<code>{e(base['ref'])}</code> ({e(base['commit'][:12])}); each subset merges its "
+            "members' changes into it in round order, and runs in the merged tree.</p>"
+            f"<table><tr><th>contribution</th><th>ref</th><th>diffstat</th></tr>{rows}</table>"
+        )
+    else:
+        covers = (code.get("baseline") or {}).get("covers")
+        if covers:
+            parts.append(f"<p class='small'>Every run's code: {e(covers)}.</p>")
+    if stale:
+        parts.append(f"<p class='small'>{e(stale)}</p>")
+    return "<h2>Code</h2>" + "".join(parts) if parts else ""
 
 
 def _undecided_list(d: dict[str, Any]) -> str:
@@ -831,7 +894,7 @@ def _batches_table(result: RoundResult) -> str:
 def _runs_table(result: RoundResult) -> str:
     e = html.escape
     ids = result.round.ids
-    base = result.round.baseline.to_dict()
+    base = result.round.workspace.resolve(frozenset()).data
     metrics = result.round.metrics
     head = "".join(f"<th>{e(m)}</th>" for m in metrics)
     rows = []
@@ -849,8 +912,10 @@ def _runs_table(result: RoundResult) -> str:
             )
         else:
             cells = f"<td colspan='{len(metrics)}' class='failed small'>{e(run.error or '')}</td>"
+        tree = (run.provenance or {}).get("tree") or run.code or ""
         rows.append(
-            f"<tr><td><code class='small'>{e(p.key)}</code></td><td class='num'>{p.batch}</td>"
+            f"<tr><td><code class='small'>{e(p.key)}</code></td>"
+            f"<td><code class='small'>{e(tree[:12])}</code></td><td class='num'>{p.batch}</td>"
             f"<td>{e(' + '.join(ids[i] for i in sorted(p.subset)) or 'baseline')}</td>"
             f"<td class='num'>{p.seed}</td><td class='{e(run.status)}'>{e(run.status)}"
             f"{'' if run.round == result.round.name else ' (reused)'}</td>"
@@ -858,6 +923,7 @@ def _runs_table(result: RoundResult) -> str:
         )
     return (
         f"<details open><summary>{len(rows)} runs (recipe diff vs baseline)</summary>"
-        f"<table><tr><th>run</th><th>batch</th><th>recipe</th><th>seed</th><th>status</th>"
+        f"<table><tr><th>run</th><th>code</th><th>batch</th><th>recipe</th><th>seed</th>"
+        "<th>status</th>"
         f"{head}<th>diff vs baseline</th></tr>{''.join(rows)}</table></details>"
     )

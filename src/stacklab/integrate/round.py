@@ -42,6 +42,7 @@ import difflib
 import itertools
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,18 +52,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stacklab.builtin import CONTRIBUTIONS_DIR, ROUNDS_DIR
 from stacklab.errors import StacklabError
+from stacklab.integrate.configs import Baseline, FileBaseline, RecipeBaseline
 from stacklab.integrate.contributions import (
     Contribution,
     ContributionError,
-    apply_subset,
     blind_ids,
-    choice_groups,
+    conflicts,
     load_contributions,
 )
+from stacklab.integrate.gitrepo import GitError, Repo, check_git
 from stacklab.integrate.select import Guardrail, Objective
+from stacklab.integrate.workspace import Resolved, Workspace, WorkspaceError
 from stacklab.recipe import Recipe, load_recipe
 
-PLACEHOLDERS = ("recipe", "seed", "out")
+PLACEHOLDERS = ("recipe", "seed", "out", "tree")
 
 
 class RoundError(StacklabError):
@@ -105,6 +108,12 @@ class ExternalRunner(_Spec):
 
     kind: Literal["external"]
     command: str = Field(min_length=1)
+    depends: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="files or globs (relative to the round file) whose content names the "
+        "trainer's code; default: the command's script. Not with repo: (the tree names it)",
+    )
     timeout_s: float | None = Field(None, gt=0, description="per-run limit; None: no limit")
     attempts: int = Field(1, ge=1, description="tries per run before it counts as failed")
 
@@ -122,7 +131,7 @@ class ExternalRunner(_Spec):
             except KeyError as exc:
                 raise ValueError(
                     f"unknown placeholder {{{exc.args[0]}}} in {arg!r}; "
-                    "the placeholders are {recipe}, {seed} and {out}"
+                    "the placeholders are {recipe}, {seed}, {out} and {tree}"
                 ) from None
             except (ValueError, IndexError) as exc:
                 raise ValueError(
@@ -155,6 +164,10 @@ class RoundSpec(_Spec):
     """The round file as written (paths still relative to it)."""
 
     name: str | None = Field(None, min_length=1, max_length=200)
+    repo: str | None = Field(
+        None, min_length=1, description="a git repository (relative to the round file)"
+    )
+    base: str | None = Field(None, min_length=1, description="the ref subsets start from")
     baseline: str = Field(min_length=1)
     contributions: list[str] = Field(min_length=1)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
@@ -204,6 +217,20 @@ class RoundSpec(_Spec):
         return value
 
     @model_validator(mode="after")
+    def _code(self) -> RoundSpec:
+        if self.base is not None and self.repo is None:
+            raise ValueError("base: names a ref of repo:, and the round has no repo:")
+        if self.repo is not None and not isinstance(self.runner, ExternalRunner):
+            raise ValueError(
+                "repo: needs runner kind 'external' (the built-in runner runs stacklab's code)"
+            )
+        if self.repo is not None and self.runner.depends is not None:
+            raise ValueError(
+                "runner.depends is for rounds without repo: (a git round's code is its tree)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics(self) -> RoundSpec:
         names = [o.metric for o in self.objectives]
         dupes = sorted({m for m in names if names.count(m) > 1})
@@ -230,9 +257,11 @@ class Round:
     name: str
     spec: RoundSpec
     baseline_path: Path
-    baseline: Recipe
+    baseline: Recipe | None  # the baseline recipe, when it is one (else see workspace)
     contributions: list[Contribution]  # index i in designs and fits is contributions[i]
     groups: list[list[int]]  # choice groups as indices
+    exclusive: dict[frozenset[int], str]  # pairs never combined -> why ("both set optim.lr")
+    workspace: Workspace  # subsets -> config, code and the hash naming both
     blind: dict[str, str]  # id -> blind id
     objectives: list[Objective]
     guardrails: list[Guardrail]
@@ -244,6 +273,10 @@ class Round:
     @property
     def ids(self) -> list[str]:
         return [c.id for c in self.contributions]
+
+    def conflict(self, i: int, j: int) -> str:
+        """Why contributions i and j are never combined (they may be only in one group)."""
+        return self.exclusive.get(frozenset((i, j)), "they are in one choice group")
 
     @property
     def metrics(self) -> list[str]:
@@ -266,8 +299,12 @@ def resolve_round_path(path: str | Path) -> Path:
     )
 
 
-def load_round(path: str | Path) -> Round:
-    """Read, validate and resolve a round file; every error names the file and the key."""
+def load_round(path: str | Path, work: Path | None = None) -> Round:
+    """Read, validate and resolve a round file; every error names the file and the key.
+
+    `work` is the round's --out folder: a git round writes its merge objects under
+    `work/git` and exports trees under `work/trees` (without it, a temporary folder).
+    """
     file = resolve_round_path(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -281,21 +318,31 @@ def load_round(path: str | Path) -> Round:
         raise RoundError(f"{file}: {_describe(exc)}") from None
 
     here = file.parent
-    baseline_path = _baseline_path(spec.baseline, here, file)
-    baseline = load_recipe(baseline_path)
+    if spec.repo is not None:
+        workspace, baseline_path = _git_workspace(spec, here, file, work)
+    else:
+        workspace, baseline_path = _plain_workspace(spec, here, file)
+    baseline = workspace.baseline
     try:
         paths = [_contribution_path(entry, here, file) for entry in spec.contributions]
         contribs = load_contributions(paths, baseline)
     except ContributionError as exc:
         raise RoundError(f"{file}: contributions: {exc}") from None
     for c in contribs:
-        if "seed" in c.patch:
+        if workspace.is_recipe and "seed" in c.patch:
             raise RoundError(
                 f"{c.source}: patch sets 'seed'; seeds belong to the round ({file}: seeds)"
             )
+    workspace.contributions = contribs
+    _add_changes(workspace, contribs, spec, file)
     index = {c.id: i for i, c in enumerate(contribs)}
-    groups = [[index[cid] for cid in g] for g in choice_groups(contribs)]
-    _check_distinct(baseline, contribs, groups)
+    exclusive = {
+        frozenset((index[a], index[b])): f"both set {', '.join(keys)}"
+        for (a, b), keys in conflicts(contribs).items()
+    }
+    exclusive |= _code_conflicts(workspace, contribs)
+    groups = _components(len(contribs), exclusive)
+    _check_distinct(workspace, contribs, exclusive)
 
     directions = {o.metric: o.direction for o in spec.objectives}
     objectives = [Objective(o.metric, o.direction, o.weight, o.scale) for o in spec.objectives]
@@ -315,9 +362,11 @@ def load_round(path: str | Path) -> Round:
         name=spec.name or file.stem,
         spec=spec,
         baseline_path=baseline_path,
-        baseline=baseline,
+        baseline=baseline.recipe if isinstance(baseline, RecipeBaseline) else None,
         contributions=contribs,
         groups=groups,
+        exclusive=exclusive,
+        workspace=workspace,
         blind=blind_ids(contribs),
         objectives=objectives,
         guardrails=guardrails,
@@ -329,32 +378,209 @@ def load_round(path: str | Path) -> Round:
 
 
 def _check_distinct(
-    baseline: Recipe, contribs: list[Contribution], groups: list[list[int]]
+    workspace: Workspace, contribs: list[Contribution], exclusive: dict[frozenset[int], str]
 ) -> None:
-    """Every contribution must change the recipe, and no two may make each other redundant.
+    """Every contribution must change the config or the code, and no two may make each other
+    redundant.
 
-    Otherwise two different subsets are one recipe: the runs could not tell them apart, and
+    Otherwise two different subsets are one run: the runs could not tell them apart, and
     the content-addressed store would hand one subset's run to the other.
     """
-    base = baseline.hash()
-    alone = [apply_subset(baseline, contribs, {c.id}).hash() for c in contribs]
+    base = _resolve(workspace, frozenset(), None).run_hash
+    alone = [_resolve(workspace, frozenset({i}), c).run_hash for i, c in enumerate(contribs)]
     for c, h in zip(contribs, alone, strict=True):
         if h == base:
-            raise RoundError(f"{c.source}: the patch changes nothing in the baseline recipe")
-    exclusive = {frozenset(p) for g in groups for p in itertools.combinations(g, 2)}
+            what = "the patch changes" if not c.git else "its code and patch change"
+            raise RoundError(f"{c.source}: {what} nothing in the baseline")
     for i, j in itertools.combinations(range(len(contribs)), 2):
         if frozenset((i, j)) in exclusive:
             continue
         a, b = contribs[i], contribs[j]
         try:
-            both = apply_subset(baseline, contribs, {a.id, b.id}).hash()
-        except ContributionError as exc:
-            raise RoundError(f"{a.source} and {b.source} cannot be combined: {exc}") from None
+            both = workspace.resolve(frozenset((i, j))).run_hash
+        except WorkspaceError as exc:
+            raise RoundError(
+                f"{a.source} and {b.source} cannot be combined: {exc.detail}"
+            ) from None
         if both in (alone[i], alone[j]):
             raise RoundError(
                 f"{a.source} and {b.source}: one's change is part of the other's; merge them or "
                 "split the shared setting into its own contribution"
             )
+
+
+def _resolve(workspace: Workspace, subset: frozenset[int], c: Contribution | None) -> Resolved:
+    try:
+        return workspace.resolve(subset)
+    except WorkspaceError as exc:
+        where = c.source if c is not None else "baseline"
+        raise RoundError(f"{where}: {exc}") from None
+
+
+def _components(n: int, exclusive: dict[frozenset[int], str]) -> list[list[int]]:
+    """Choice groups: connected components of the graph of pairs never combined.
+
+    Components (not just the pairs) make the groups a partition, so a planner can enumerate
+    allowed subsets as "at most one from each group"; the price is that a and c are not
+    combined when each conflicts with b.
+    """
+    neighbours: dict[int, set[int]] = {i: set() for i in range(n)}
+    for pair in exclusive:
+        i, j = sorted(pair)
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    groups, placed = [], set()
+    for start in range(n):
+        if start in placed or not neighbours[start]:
+            continue
+        component, frontier = {start}, [start]
+        while frontier:
+            for other in neighbours[frontier.pop()] - component:
+                component.add(other)
+                frontier.append(other)
+        placed |= component
+        groups.append(sorted(component))
+    return sorted(groups)
+
+
+# --------------------------------------------------------------------------- baselines, code
+
+
+def _plain_workspace(spec: RoundSpec, here: Path, file: Path) -> tuple[Workspace, Path]:
+    """A round without a repository: a recipe (built-in runner, or a recipe file given to an
+    external one) or any YAML/JSON/TOML file (external runner)."""
+    path = _baseline_path(spec.baseline, here, file)
+    runner = spec.runner
+    external = isinstance(runner, ExternalRunner)
+    baseline: Baseline
+    if not external or _is_recipe(path):
+        baseline = RecipeBaseline(load_recipe(path))
+    else:
+        try:
+            baseline = FileBaseline.load(path)
+        except StacklabError as exc:
+            raise RoundError(f"{file}: baseline: {exc}") from None
+    command = shlex.split(runner.command) if isinstance(runner, ExternalRunner) else None
+    depends = runner.depends if isinstance(runner, ExternalRunner) else None
+    workspace = Workspace(
+        baseline=baseline,
+        contributions=[],
+        is_recipe=isinstance(baseline, RecipeBaseline),
+        command=command,
+        root=here.resolve(),
+        depends=depends,
+    )
+    try:
+        workspace.resolve(frozenset())  # the trainer's files exist and can be hashed
+    except StacklabError as exc:
+        raise RoundError(f"{file}: runner: {exc}") from None
+    return workspace, path
+
+
+_RECIPE_SECTIONS = {"base", "name", "data", "model", "optim", "pretrain", "sft", "rl", "eval"}
+
+
+def _is_recipe(path: Path) -> bool:
+    """Is an external runner's baseline a stacklab recipe? A built-in name, or a YAML file
+    that either validates as one or uses its sections (then its errors are the recipe's)."""
+    if path.suffix not in (".yaml", ".yml"):
+        return False
+    try:
+        load_recipe(path)
+        return True
+    except StacklabError:
+        pass
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and bool(_RECIPE_SECTIONS & set(raw))
+
+
+def _git_workspace(
+    spec: RoundSpec, here: Path, file: Path, work: Path | None
+) -> tuple[Workspace, Path]:
+    """A round over a git repository: the baseline file is read from the base's tree."""
+    assert spec.repo is not None and isinstance(spec.runner, ExternalRunner)
+    try:
+        check_git()
+    except GitError as exc:
+        raise RoundError(f"{file}: repo: {exc}") from None
+    repo_path = (here / spec.repo).resolve()
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="stacklab-round-"))
+    try:
+        repo = Repo(repo_path, work / "git", name=spec.repo)
+    except GitError as exc:
+        raise RoundError(f"{file}: repo: {exc}") from None
+    base_ref = spec.base or "HEAD"
+    try:
+        base = repo.resolve(base_ref)
+    except GitError as exc:
+        raise RoundError(f"{file}: base: {exc}") from None
+    dirty = repo.uncommitted_at(base)
+    if dirty:
+        shown = ", ".join(dirty[:3]) + (f" and {len(dirty) - 3} more" if len(dirty) > 3 else "")
+        raise RoundError(
+            f"{file}: base: {repo_path} has uncommitted changes at {base_ref} ({shown}); "
+            "a round runs committed code only: commit or stash them"
+        )
+    text = repo.read(repo.tree(base), spec.baseline)
+    if text is None:
+        raise RoundError(f"{file}: baseline: no file {spec.baseline} in {repo_path} at {base_ref}")
+    try:
+        baseline = FileBaseline.load(Path(spec.baseline), text)
+    except StacklabError as exc:
+        raise RoundError(f"{file}: baseline: {exc}") from None
+    workspace = Workspace(
+        baseline=baseline,
+        contributions=[],
+        is_recipe=False,
+        command=shlex.split(spec.runner.command),
+        root=here.resolve(),
+        repo=repo,
+        base=base,
+        baseline_path=spec.baseline,
+        work=work,
+    )
+    return workspace, repo_path / spec.baseline
+
+
+def _add_changes(
+    workspace: Workspace, contribs: list[Contribution], spec: RoundSpec, file: Path
+) -> None:
+    """Each `git:` contribution's change, checked to exist and to apply to the base alone."""
+    repo, base = workspace.repo, workspace.base
+    for i, c in enumerate(contribs):
+        if c.git is None:
+            continue
+        if repo is None or base is None:
+            raise RoundError(f"{c.source}: git: {c.git!r} needs a repo: in the round ({file})")
+        try:
+            change = repo.change(base, c.git)
+            if not change.files:
+                raise RoundError(
+                    f"{c.source}: git: {c.git} changes nothing relative to {spec.base or 'HEAD'}"
+                )
+            repo.can_apply(base, change)
+        except GitError as exc:
+            raise RoundError(f"{c.source}: git: {exc}") from None
+        workspace.changes[i] = change
+
+
+def _code_conflicts(
+    workspace: Workspace, contribs: list[Contribution]
+) -> dict[frozenset[int], str]:
+    """Pairs of code changes that conflict textually: never combined, and why."""
+    repo, base = workspace.repo, workspace.base
+    found: dict[frozenset[int], str] = {}
+    if repo is None or base is None:
+        return found
+    for i, j in itertools.combinations(sorted(workspace.changes), 2):
+        conflict = repo.conflict(base, workspace.changes[i], workspace.changes[j])
+        if conflict is not None:
+            found[frozenset((i, j))] = conflict.describe()
+    return found
 
 
 def _baseline_path(baseline: str, here: Path, file: Path) -> Path:

@@ -1,9 +1,11 @@
 """Runners and executors: how one run (a resolved recipe and a seed) becomes metrics.
 
 A runner is a command. The built-in one is `stacklab build`; an external one is any trainer
-given as a template with `{recipe}`, `{seed}` and `{out}`. Either way the engine writes the
-resolved recipe to a file, runs the command without a shell (arguments are split once, then
-each is filled in, so paths with spaces stay whole), and reads `{out}/metrics.json`.
+given as a template with `{recipe}`, `{seed}`, `{out}` and `{tree}`. Either way the engine
+writes the resolved config to a file in the run's folder (a recipe as `recipe.yaml`, another
+baseline in its own format), runs the command without a shell (arguments are split once, then
+each is filled in, so paths with spaces stay whole) in the run's code tree (a git round) or the
+round file's folder, and reads `{out}/metrics.json`.
 
 A run is atomic: the command writes into a temporary folder that is renamed to the run's
 final folder only once its metrics are read and complete. A final folder therefore always
@@ -57,12 +59,15 @@ _BUILD = "import sys; from stacklab.cli import main; sys.exit(main())"
 
 @dataclass(frozen=True)
 class Job:
-    """One run to make: `recipe` is the resolved recipe dict, with `seed` already set in it."""
+    """One run to make: `recipe` is the resolved config (a recipe has `seed` set in it)."""
 
     key: str
     recipe: dict[str, Any]
     seed: int
     run_dir: Path  # the final folder; written only through a temporary sibling
+    config_text: str | None = None  # the file {recipe} names; None: `recipe` as YAML
+    config_name: str = "recipe.yaml"
+    cwd: Path | None = None  # where the command runs (a git round's tree); None: the runner's
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,9 @@ class CommandRunner:
     threads: int | None = None  # OMP_NUM_THREADS for the child, unless the caller set it
     owner: str = ""  # the claiming store's owner token, in the temporary folders' names
 
-    def argv(self, recipe: Path, seed: int, out: Path) -> list[str]:
-        return [a.format(recipe=recipe, seed=seed, out=out) for a in self.template]
+    def argv(self, recipe: Path, seed: int, out: Path, tree: Path | None = None) -> list[str]:
+        tree = tree or self.cwd
+        return [a.format(recipe=recipe, seed=seed, out=out, tree=tree) for a in self.template]
 
     def __call__(self, job: Job) -> Outcome:
         start = time.perf_counter()
@@ -156,16 +162,20 @@ class CommandRunner:
             return None
 
     def _run_in(self, out: Path, job: Job) -> dict[str, float]:
-        recipe = out / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(job.recipe, sort_keys=False))
-        argv = self.argv(recipe, job.seed, out)
+        recipe = out / job.config_name
+        if job.config_text is None:
+            recipe.write_text(yaml.safe_dump(job.recipe, sort_keys=False))
+        else:
+            recipe.write_text(job.config_text)
+        cwd = job.cwd or self.cwd
+        argv = self.argv(recipe, job.seed, out, cwd)
         env = dict(os.environ)
         if self.threads is not None:
             env.setdefault("OMP_NUM_THREADS", str(self.threads))
         with (out / "stdout.log").open("wb") as so, (out / "stderr.log").open("wb") as se:
             try:
                 proc = subprocess.Popen(
-                    argv, cwd=self.cwd, stdout=so, stderr=se, env=env, start_new_session=True
+                    argv, cwd=cwd, stdout=so, stderr=se, env=env, start_new_session=True
                 )
             except OSError as exc:
                 raise RunFailed(f"cannot start {shlex.join(argv[:1])}: {exc}") from None

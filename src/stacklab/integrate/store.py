@@ -123,6 +123,10 @@ class RunRow(_Base):
     finished_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
     recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the last claimer
+    # Which code made the run (a tree hash, or a fingerprint of the trainer's files) and what
+    # that fingerprint covered; part of the key, kept apart to say why old runs went stale.
+    code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class LeaseRow(_Base):
@@ -158,6 +162,8 @@ class Run:
     finished_at: datetime | None
     recipe: dict[str, Any]
     owner: str | None = None  # the owner token of the store that claimed it last
+    code: str | None = None  # the code fingerprint that is part of the key (None: older runs)
+    provenance: dict[str, Any] | None = None  # what `code` covers (tree, files, command)
 
     @classmethod
     def _of(cls, row: RunRow) -> Run:
@@ -227,8 +233,14 @@ class RunStore:
         round: str,
         batch: int,
         recipe: dict[str, Any],
+        code: str | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> Run:
         """The run of this recipe and seed: the existing one, or a new pending one.
+
+        `recipe_hash` identifies everything the run depends on but the seed (the engine hashes
+        the resolved config with `code`); `code` and `provenance` are stored beside it so a
+        later round can say why a run of the same config no longer counts.
 
         An existing run is returned unchanged, whatever its round, batch, subset or status:
         its `subset` is the one it was first requested for, so callers map their own design
@@ -250,6 +262,8 @@ class RunStore:
                 attempts=0,
                 created_at=_now(),
                 recipe=recipe,
+                code=code,
+                provenance=provenance,
             )
             session.add(row)
             try:
@@ -514,8 +528,11 @@ def _create_tables(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
         _Base.metadata.create_all(conn)
-        if "owner" not in {c["name"] for c in inspect(conn).get_columns("runs")}:
-            conn.execute(text("ALTER TABLE runs ADD COLUMN owner VARCHAR(32)"))  # older stores
+        have = {c["name"] for c in inspect(conn).get_columns("runs")}
+        added = (("owner", "VARCHAR(32)"), ("code", "VARCHAR(64)"), ("provenance", "JSON"))
+        for name, sql_type in added:
+            if name not in have:  # stores from before the column
+                conn.execute(text(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}"))
 
 
 def _sqlite_for_many_processes(engine: Engine, busy_timeout_s: float) -> None:
