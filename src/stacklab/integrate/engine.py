@@ -1148,10 +1148,21 @@ def _stale_reason(old: Run, new: Resolved) -> str:
     if old.code != new.code:
         before, after = old.provenance or {}, new.provenance
         if "tree" in after:
-            tree = str(before.get("tree", old.code))
-            return f"the code changed (tree {tree[:12]} -> {after['tree'][:12]})"
+            return _moved(before, after) or "the code changed (another tree)"
         return stale_reason(dict(before.get("files", {})), dict(after.get("files", {})))
     return "the config changed"
+
+
+def _moved(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """Which refs of a git round moved between two runs of one subset ("" if none did)."""
+    parts = []
+    if before.get("base") and before["base"] != after.get("base"):
+        parts.append(f"the base moved ({before['base'][:7]} -> {str(after.get('base'))[:7]})")
+    old_refs = before.get("refs") or {}
+    for ref, commit in (after.get("refs") or {}).items():
+        if old_refs.get(ref) not in (None, commit):
+            parts.append(f"{ref} moved ({old_refs[ref][:7]} -> {commit[:7]})")
+    return "; ".join(parts)
 
 
 def _count_reasons(stale: Mapping[str, str]) -> dict[str, int]:

@@ -449,9 +449,15 @@ def _components(n: int, exclusive: dict[frozenset[int], str]) -> list[list[int]]
 def _plain_workspace(spec: RoundSpec, here: Path, file: Path) -> tuple[Workspace, Path]:
     """A round without a repository: a recipe (built-in runner, or a recipe file given to an
     external one) or any YAML/JSON/TOML file (external runner)."""
-    path = _baseline_path(spec.baseline, here, file)
     runner = spec.runner
     external = isinstance(runner, ExternalRunner)
+    if (
+        external
+        and Path(spec.baseline).suffix in (".toml", ".json")
+        and not (here / spec.baseline).is_file()
+    ):
+        raise RoundError(f"{file}: baseline: no file {here / spec.baseline}")
+    path = _baseline_path(spec.baseline, here, file)
     baseline: Baseline
     if not external or _is_recipe(path):
         baseline = RecipeBaseline(load_recipe(path))

@@ -101,7 +101,10 @@ class Workspace:
                 raise WorkspaceError(names, str(exc)) from None
             assert tree is not None and self.baseline_path is not None
             baseline = self._baseline_in(tree, names)
-            provenance = {"kind": "git", "tree": tree}
+            refs = {
+                self.changes[i].ref: self.changes[i].commit for i in members if i in self.changes
+            }
+            provenance = {"kind": "git", "tree": tree, "base": self.base, "refs": refs}
             code = tree
         else:
             fp = self._code()
