@@ -28,6 +28,8 @@ import pytest
 from rich.console import Console
 
 from integrate_sim.scenarios import small, write_round
+from integrate_sim.trainer_repo import make_repo
+from integrate_sim.trainer_repo import write_round as write_git_round
 from stacklab.errors import StacklabError
 from stacklab.integrate.engine import integrate
 from stacklab.integrate.round import RayExecutor, load_round
@@ -232,4 +234,17 @@ def test_a_round_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None:
     local, remote = decisions["local"], decisions["ray"]
     assert remote["runs"]["failed"] == 0 and remote["runs"]["executed"] > 10
     assert {"alpha", "beta"} <= set(remote["selected"]) and "delta" not in remote["selected"]
+    assert decision_without_paths(remote) == decision_without_paths(local)
+
+
+def test_a_git_round_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None:
+    """Contributions as branches and a TOML baseline: the Ray tasks run in the exported trees."""
+    repo = make_repo(tmp_path / "trainer")
+    decisions = {}
+    for kind, executor in [("local", "{kind: local, workers: 2}"), ("ray", "{kind: ray}")]:
+        round_file = write_git_round(tmp_path / kind, repo, budget=60, executor=executor)
+        integrate(round_file, tmp_path / f"out-{kind}", console=Console(file=io.StringIO()))
+        decisions[kind] = json.loads((tmp_path / f"out-{kind}" / "decision.json").read_text())
+    local, remote = decisions["local"], decisions["ray"]
+    assert remote["runs"]["failed"] == 0 and remote["selected"] == ["gain", "gelu", "lr"]
     assert decision_without_paths(remote) == decision_without_paths(local)

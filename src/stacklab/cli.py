@@ -430,6 +430,7 @@ def cmd_integrate(args: argparse.Namespace) -> int:
         f"selected: {', '.join(d['selected']) or 'nothing'}"
         + (f"; undecided: {', '.join(d['undecided'])}" if d.get("undecided") else "")
         + f"; runs: {runs['executed']} executed, {runs['reused']} reused, {runs['failed']} failed"
+        + (f", {runs['stale']} stale set aside" if runs.get("stale") else "")
     )
     return 0
 
