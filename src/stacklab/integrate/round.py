@@ -22,6 +22,20 @@ The metrics are those the runner writes to `{out}/metrics.json`. The built-in ru
 Any trainer can be the runner instead, with metric names of its own:
 `{kind: external, command: "python train.py {recipe} --seed {seed} --out {out}"}`.
 
+With an external runner the baseline may be any YAML, JSON or TOML file (its dotted keys are
+what patches set), and a round may name a git repository whose refs are contributions
+(`git: REF` in a contribution file, instead of or beside `patch:`):
+
+    repo: ../trainer                # a git repository, relative to this file
+    base: main                      # the ref every subset starts from (default HEAD)
+    baseline: train.toml            # with repo: a path inside the repository
+    runner: {kind: external, command: "python train.py --config {recipe} --out {out}"}
+
+A subset's code is `base` with its members' refs merged in, in the round's order; the command
+runs in that tree (`{tree}`). Without a repository, `runner.depends` lists the files (globs
+allowed) whose content names the trainer's code; by default the command's script and the
+local modules it imports. A run is keyed by its code, its config and its seed.
+
 How sure the decision must be (defaults): `level: 0.95` (every verdict's confidence: a
 member is accepted when its gain inside the final recipe is significant at this level,
 with the error spent over the confirmation's sequential looks), `min_effect` (the smallest
