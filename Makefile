@@ -29,8 +29,8 @@ bench: setup
 	$(BIN)/stacklab bench
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
