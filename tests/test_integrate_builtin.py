@@ -40,6 +40,12 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     result = integrate(tmp_path / "round.yaml", out)
     d = result.decision
     assert d["runs"]["failed"] == 0 and d["runs"]["executed"] >= 4
+    # Each run is keyed by the stacklab version and the build code, not by the recipe alone.
+    code = d["code"]["baseline"]
+    assert code["kind"] == "stacklab" and code["covers"].startswith("stacklab 0.1.0 + ")
+    assert "stacklab/train/pretrain.py" in code["files"] or any(
+        f.endswith("train/pretrain.py") for f in code["files"]
+    )
     assert {row["id"] for row in d["decisions"]} == {"muon", "wsd-schedule"}
     # One seed per recipe leaves no noise estimate: nothing can be shown, so nothing is
     # accepted on it (undecided, or shelved by a guardrail or a choice).

@@ -126,6 +126,14 @@ def test_a_changed_line_reruns_what_it_can_affect_and_reuses_nothing_stale(
     first = integrate(rnd_file, out, console=quiet()).decision
     # One line on one branch: only subsets with `gain` can be affected.
     commit_on(repo, "gain", "model.py", "GAIN = 0.3", "GAIN = 0.31", start="gain")
+    # A bad input on the second go is a one-line error, and what ran is kept.
+    good = rnd_file.read_text()
+    rnd_file.write_text(good.replace("base: main", "base: mian"))
+    with pytest.raises(RoundError, match=r"round.yaml: base: no commit 'mian' in repository"):
+        integrate(rnd_file, out, console=quiet())
+    rnd_file.write_text(good)
+    with RunStore(f"sqlite:///{out / 'runs.db'}", reset_stale=False) as store:
+        assert len(store.runs(status="done")) == first["runs"]["executed"]
     second = integrate(rnd_file, out, console=quiet()).decision
     trained = log_lines(trainer_log)
     assert max(trained.values()) == 1  # no config and code trained twice: nothing re-run
