@@ -299,7 +299,13 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
     round on the same store reuses every run."""
     from integrate_sim.scenarios import small, write_round
     from stacklab.integrate.engine import integrate
-    from test_integrate_simulation import comparable, log_counts, quiet, run_engine
+    from test_integrate_simulation import (
+        comparable,
+        config_and_seed,
+        log_counts,
+        quiet,
+        run_engine,
+    )
 
     reference = integrate(
         write_round(tmp_path / "ref" / "round", small(), budget=80), tmp_path / "ref" / "out",
@@ -313,7 +319,7 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
     out = tmp_path / "out"
     assert run_engine(round_file, out) == -9  # killed by the 7th finished run
     with RunStore(url, reset_stale=False) as store:
-        done_before = {(r.recipe_hash, r.seed) for r in store.runs(status="done")}
+        done_before = {config_and_seed(r) for r in store.runs(status="done")}
         assert store.runs(status="running")  # the killed engine's runs in flight
     assert 0 < len(done_before) < reference["runs"]["total"]
 
@@ -323,7 +329,7 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
     counts = log_counts(log)
     assert all(counts[k] == 1 for k in done_before)  # no finished run trained again
     with RunStore(url) as store:
-        assert {(r.recipe_hash, r.seed) for r in store.runs(status="done")} == set(counts)
+        assert {config_and_seed(r) for r in store.runs(status="done")} == set(counts)
         assert store.runs(status="running") == store.runs(status="pending") == []
     assert not (out / "runs.db").exists()  # the runs went to PostgreSQL, not the default
 
