@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -179,6 +180,9 @@ def integrate(
             store.reset_dead()
             runner = replace(runner, owner=store.owner)
             remove_partial_runs(out / "runs", store.live_owners if shared else frozenset)
+            if not shared:  # half-exported trees of a killed engine (a git round)
+                for tmp in (out / "trees").glob(".*.tmp-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
             result = _Session(rnd, out, store, runner, executor, console).run()
         write_reports(result, out)
     console.print(
