@@ -214,3 +214,14 @@ def test_eps_high_is_refused_where_the_loss_ignores_it(loss: str) -> None:
 @pytest.mark.parametrize("loss", ["dapo", "gspo", "cispo"])
 def test_eps_high_is_kept_where_the_loss_reads_it(loss: str) -> None:
     assert recipe_from_dict({"rl": {"loss": loss, "eps_high": 0.3}}).rl.eps_high == 0.3
+
+
+def test_rl_and_eval_may_name_a_verifiers_environment_but_sft_may_not() -> None:
+    name = "verifiers:examples/verifiers_env.py:load_environment"
+    recipe = load_recipe("tiny", [f'rl.envs=["{name}"]', "rl.env_weights={}"])
+    assert recipe.rl.envs == [name]
+    assert load_recipe("tiny", [f'eval.agent_envs=["{name}"]']).eval.agent_envs == [name]
+    with pytest.raises(RecipeError, match=r"rl.envs.0: .*'lookpu' is not an environment"):
+        load_recipe("tiny", ["rl.envs=[lookpu]"])
+    with pytest.raises(RecipeError, match=r"sft.agent_envs"):
+        load_recipe("tiny", [f'sft.agent_envs=["{name}"]'])

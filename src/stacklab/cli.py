@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stacklab.errors import StacklabError
@@ -30,6 +31,7 @@ EXAMPLES = """examples:
   stacklab export runs/tiny --format hf --out hf/tiny    write a transformers checkpoint
   stacklab import hf/tiny --out runs/imported    start from a checkpoint on disk
   stacklab chat runs/tiny                        talk to a model (with tools)
+  stacklab serve runs/tiny --port 8000          an OpenAI-compatible API over a run
   stacklab integrate round.yaml --out runs/round1    decide which contributions to keep
 """
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except StacklabError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; re-run the same command to resume[/]")
@@ -115,6 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness tasks on a run's model",
+        description="Evaluate RUN's final model on lm-evaluation-harness tasks (hellaswag, "
+        "arc_easy, ..., or the bundled offline stacklab_arith and stacklab_arith_gen) "
+        "through a native adapter: the run's own model and tokenizer, no export. Needs "
+        "the lm-eval extra: pip install 'stacklab[lm-eval]'. See docs/evals.md.",
+    )
+    p.add_argument("run", metavar="RUN", type=Path)
+    p.add_argument(
+        "--tasks", required=True, help="comma-separated task, group or tag names (globs allowed)"
+    )
+    p.add_argument("--limit", type=float, help="at most N documents per task (<1: a fraction)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of task YAMLs (repeatable; the bundled stacklab tasks are always "
+        "included)",
+    )
+    p.add_argument("--out", type=Path, help="write lm-eval's results to this JSON file")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward (16)")
+    p.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot examples")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--stage",
+        choices=["pretrain", "sft", "rl"],
+        help="whose final model (default: the newest trained: rl, else sft, else pretrain)",
+    )
+    p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser(
         "export",
         help="export a run's model to Hugging Face transformers",
         description="Write RUN's final model as a transformers checkpoint: Qwen3 (dense), "
@@ -161,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose final model (default: the newest trained: rl, else sft, else pretrain)",
     )
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a run's model over an OpenAI-compatible HTTP API",
+        description="Serve RUN's final model at http://HOST:PORT/v1 for any OpenAI client: "
+        "/v1/models, /v1/chat/completions (tools, streaming) and /v1/completions (logprobs, "
+        "echo). Requests are generated one at a time, in order. Needs the serve extra: "
+        "pip install 'stacklab[serve]'.",
+    )
+    p.add_argument("run", metavar="RUN", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--stage",
+        choices=["pretrain", "sft", "rl"],
+        help="whose final model (default: the newest trained: rl, else sft, else pretrain)",
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "tasks",
@@ -247,8 +300,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from stacklab.pipeline import build
     from stacklab.recipe import load_recipe
     from stacklab.stages import STAGES
+    from stacklab.tracking import require
 
     recipe = load_recipe(args.recipe, args.overrides)
+    require(recipe.log.trackers, "recipe key log.trackers")  # before hours of data stages
     start = time.perf_counter()
 
     def announce(stage, key: str) -> None:
@@ -300,6 +355,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from stacklab.fileio import write_atomic
+
+    try:
+        from stacklab.evals import lm_eval_adapter as adapter
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise StacklabError(
+            "stacklab lm-eval needs lm-evaluation-harness: pip install 'stacklab[lm-eval]'"
+        ) from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise StacklabError("--tasks names no task")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    manager = adapter.task_manager(tasks, args.include_path)  # bad names fail before loading
+    lm = adapter.StacklabLM(args.run, args.stage, batch_size=args.batch_size, device=args.device)
+    results = adapter.run_tasks(
+        lm, tasks, limit=limit, num_fewshot=args.num_fewshot, manager=manager
+    )  # fmt: skip
+    table = Table(title=f"lm-eval of {args.run}" + (f" (limit {limit})" if limit else ""))
+    for col in ("task", "metric", "value", "stderr"):
+        table.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for task, metric, value, stderr in adapter.result_rows(results):
+        table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
+    console.print(table)
+    if args.out:
+        write_atomic(args.out, adapter.results_json(results))
+        console.print(f"results in {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from stacklab.interop.hf import export_hf
     from stacklab.train.checkpoint import load_model, run_model_dir
@@ -340,6 +429,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         args.run, tools=not args.no_tools, system=args.system, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, seed=args.seed, stage=args.stage, console=console,
     )  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn")):
+        raise StacklabError("stacklab serve needs the serve extra: pip install 'stacklab[serve]'")
+    from stacklab.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, device=args.device, stage=args.stage,
+          log=console.print)  # fmt: skip
     return 0
 
 
@@ -412,7 +513,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_integrate(args: argparse.Namespace) -> int:
-    from rich.markup import escape
 
     from stacklab.integrate.engine import integrate
 

@@ -249,7 +249,7 @@ def build(
 
 # Modules left out of every stage's code hash: the harness that runs stages and caches their
 # output, not code that decides what a stage writes.
-NOT_STAGE_CODE = frozenset({"stacklab.pipeline"})
+NOT_STAGE_CODE = frozenset({"stacklab.pipeline", "stacklab.tracking"})
 
 
 def stage_code_hash(stage: Stage, digests: dict[Path, str] | None = None) -> str | None:

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stacklab.builtin import RECIPES_DIR
 from stacklab.errors import RecipeError
@@ -394,7 +402,27 @@ class PretrainConfig(Section):
 
 
 AgentEnvName = Literal["calculator", "lookup"]
-RLEnvName = Literal["tasks", "calculator", "lookup"]
+VERIFIERS_PREFIX = "verifiers:"
+
+
+def _env_name(builtin: tuple[str, ...]) -> AfterValidator:
+    """A built-in environment name, or one from the `verifiers` ecosystem
+    (src/stacklab/envs/verifiers_env.py): RL and eval only, as it has no SFT demonstrations."""
+
+    def check(name: str) -> str:
+        if name in builtin or (name.startswith(VERIFIERS_PREFIX) and name != VERIFIERS_PREFIX):
+            return name
+        raise ValueError(
+            f"{name!r} is not an environment: use {', '.join(builtin)}, or "
+            "verifiers:<taskset-id> / verifiers:<module or file.py>:<attr> (pip install "
+            "'stacklab[envs]')"
+        )
+
+    return AfterValidator(check)
+
+
+RLEnvName = Annotated[str, _env_name(("tasks", "calculator", "lookup"))]
+EvalAgentEnvName = Annotated[str, _env_name(("calculator", "lookup"))]
 SFTSourceName = Literal["tasks", "calculator", "lookup", "data"]
 
 
@@ -591,7 +619,7 @@ class EvalConfig(Section):
         description="raw: complete the bare prompt; chat: one user turn; auto: chat when SFT or "
         "RL ran",
     )
-    agent_envs: list[AgentEnvName] = Field(
+    agent_envs: list[EvalAgentEnvName] = Field(
         default_factory=list, description="agent_success/<env> on held-out agent tasks"
     )
     agent_tasks: int = Field(100, ge=1, description="held-out tasks per agent env")
@@ -616,6 +644,41 @@ class EvalConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- tracking
+
+TrackerName = Literal["tensorboard", "wandb", "trackio"]
+# Sections that say where results are sent, never what they are: left out of `to_dict()`, so
+# of the recipe's hash, every stage's cache key and an integration run's identity.
+UNHASHED = frozenset({"log"})
+
+
+class LogConfig(Section):
+    """Where every stage's metrics go besides its `metrics.jsonl` (which stays the record).
+
+    Turning a tracker on changes no hash and no cache key: a stage already in the cache is
+    not run again, so it logs nothing new. Needs `pip install 'stacklab[track]'`.
+    """
+
+    trackers: list[TrackerName] = Field(
+        default_factory=list,
+        description="tensorboard (event files), wandb (offline run folders, `wandb sync` "
+        "uploads them), trackio (its local database: `trackio show`); empty: metrics.jsonl only",
+    )
+    project: str = Field("stacklab", min_length=1, description="the W&B and trackio project")
+    dir: Path | None = Field(
+        None,
+        description="one folder for every build's tracker files, by recipe name and hash, then "
+        "stage; None: inside each stage's own folder. trackio keeps its own ($TRACKIO_DIR)",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique_trackers(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"trackers repeat: {trackers}")
+        return trackers
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -630,6 +693,7 @@ class Recipe(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _easy_phases_have_problems(self) -> Recipe:
@@ -647,18 +711,23 @@ class Recipe(Section):
 
     def section_hash(self, dotted: str) -> str:
         """Canonical hash of one section (or any sub-object), e.g. `"data.mixture"`."""
-        return canonical_hash(get_dotted(self.to_dict(), dotted))
+        return canonical_hash(get_dotted(self.to_dict(full=True), dotted))
 
     def hash(self) -> str:
-        """Canonical hash of the whole recipe."""
+        """Canonical hash of the whole recipe (what can change a result: not `log`)."""
         return canonical_hash(self.to_dict())
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every value, defaults included, as plain JSON-compatible data."""
-        return self.model_dump(mode="json")
+    def to_dict(self, *, full: bool = False) -> dict[str, Any]:
+        """Every value, defaults included, as plain JSON-compatible data; without the
+        sections that only say where metrics are sent (`log`) unless `full`."""
+        return self.model_dump(mode="json", exclude=None if full else set(UNHASHED))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """Every value, as `to_dict()`; and `log` when it is set, so a written recipe keeps it."""
+        data = self.to_dict()
+        if self.log != LogConfig():
+            data["log"] = self.log.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def canonical_hash(value: Any) -> str:
@@ -712,6 +781,9 @@ def _read_raw(file: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
             str((file.parent / item).resolve()) if isinstance(item, str) else item
             for item in sft["data"]
         ]
+    log = raw.get("log")
+    if isinstance(log, dict) and isinstance(log.get("dir"), str):
+        log["dir"] = str((file.parent / Path(log["dir"]).expanduser()).resolve())
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -757,7 +829,7 @@ def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """Apply `a.b.c=value` overrides; values are parsed as YAML and validated in place."""
-    data = recipe.to_dict()
+    data = recipe.to_dict(full=True)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()

@@ -7,7 +7,9 @@ so training and evaluation can never overlap:
 * `calculator`: products of 3-4 digit numbers from the arithmetic generator's own hash split;
 * `lookup`: questions over a `synthetic_store` whose seed is derived from the split and the
   recipe seed, so the evaluation store is a different set of invented facts from any training
-  store (the answers exist nowhere but in their store).
+  store (the answers exist nowhere but in their store);
+* `verifiers:SPEC`: a taskset of the `verifiers` library, single-turn, scored by its own
+  rewards (`envs/verifiers_env.py` says which SPECs resolve and what is supported).
 
 `demonstration` plays a task with a scripted, correct policy against the real tools and
 records the conversation, for SFT: the calculator gets the question's expression; lookup
@@ -30,10 +32,11 @@ from stacklab.envs.agent_env import (
     system_prompt,
 )
 from stacklab.envs.agent_env import lookup_tasks as _lookup_tasks
-from stacklab.envs.base import Message
+from stacklab.envs.base import Environment, Message
 from stacklab.envs.tools import Toolbox
 
 AGENT_ENVS = ("calculator", "lookup")
+VERIFIERS_PREFIX = "verifiers:"  # then a taskset id, MODULE:ATTR or FILE.py:ATTR
 AgentName = Literal["calculator", "lookup"]
 
 _QUESTION = re.compile(r"(?:What|Who) is the (.+)\?")
@@ -45,17 +48,30 @@ def split_seed(name: str, split: Split, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def agent_tasks(name: str, split: Split, n: int, seed: int) -> tuple[Toolbox, list[AgentTask]]:
-    """`n` tasks of environment `name` from `split`, and the toolbox that answers them."""
+def agent_tasks(name: str, split: Split, n: int, seed: int) -> tuple[Any, list[Any]]:
+    """`n` tasks of environment `name` from `split`, and the toolbox that answers them (for a
+    `verifiers:` env, the loaded taskset that scores them)."""
+    if name.startswith(VERIFIERS_PREFIX):
+        from stacklab.envs.verifiers_env import verifiers_tasks
+
+        return verifiers_tasks(name, split, n, seed)
     if name == "calculator":
         return calculator_tasks(n, split_seed(name, split, seed), split)
     if name == "lookup":
         return _lookup_tasks(n, split_seed(name, split, seed))
-    raise ValueError(f"unknown agent environment {name!r}; valid: {', '.join(AGENT_ENVS)}")
+    raise ValueError(
+        f"unknown agent environment {name!r}; valid: {', '.join(AGENT_ENVS)}, "
+        f"{VERIFIERS_PREFIX}SPEC"
+    )
 
 
-def make_env(name: str, toolbox: Toolbox, tasks: list[AgentTask], max_turns: int) -> ToolEnv:
-    """A `ToolEnv` over `tasks` (the environment name only chose the tools and tasks)."""
+def make_env(name: str, toolbox: Any, tasks: list[Any], max_turns: int) -> Environment:
+    """A `ToolEnv` over `tasks` (the environment name only chose the tools and tasks); for a
+    `verifiers:` env, a single-turn `VerifiersEnv` (`toolbox` is its loaded taskset)."""
+    if name.startswith(VERIFIERS_PREFIX):
+        from stacklab.envs.verifiers_env import VerifiersEnv
+
+        return VerifiersEnv(toolbox, tasks)
     if name not in AGENT_ENVS:
         raise ValueError(f"unknown agent environment {name!r}; valid: {', '.join(AGENT_ENVS)}")
     return ToolEnv(toolbox, tasks, max_turns=max_turns)

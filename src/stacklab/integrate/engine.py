@@ -102,6 +102,7 @@ from stacklab.integrate.verdicts import (
 )
 from stacklab.integrate.workspace import Resolved
 from stacklab.progress import progress_bar
+from stacklab.tracking import RoundTracker
 
 MAX_BATCHES = 50  # adaptive batches; the budget normally stops a round long before
 MAX_ATTEMPTS = 6  # rounds of comparisons (each change of the final recipe starts one)
@@ -224,6 +225,10 @@ class _Session:
         self.noise_floor: dict[str, float] = {}
         self.alpha = 1.0 - rnd.spec.level
         self.reserve = 0  # runs held back for the confirmation, fixed when screening ends
+        self.tracker: RoundTracker | None = None  # each finished run also to trackers
+        if (track := rnd.spec.tracking) is not None:
+            folder = rnd.file.parent / track.dir if track.dir else out / "tracking"
+            self.tracker = RoundTracker(track.trackers, folder, track.project, rnd.name)
 
     # ------------------------------------------------------------------ the round
 
@@ -900,6 +905,9 @@ class _Session:
         if outcome.metrics is None:
             first = (outcome.error or "").splitlines()[0][:200] if outcome.error else ""
             self.say(f"  [red]run failed[/] ({where}): {escape(first)}")
+        elif self.tracker is not None and point is not None:  # blind ids, as in the store
+            blind = [self.rnd.blind[self.rnd.ids[i]] for i in point.subset]
+            self.tracker.log_run(outcome.key, point.seed, blind, outcome.metrics, point.batch)
 
     def _wait_for_others(self, keys: list[str]) -> bool:
         """Runs another engine claimed (a shared store): wait until none is running; True if

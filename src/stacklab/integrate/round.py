@@ -15,6 +15,7 @@
     runner: {kind: builtin, timeout_s: 3600}    # `stacklab build` each run; or external (below)
     executor: {kind: local, workers: 2}     # or {kind: ray, address: "ray://head:10001"}
     store: postgresql://host/db      # optional; default: sqlite in the --out folder
+    tracking: {trackers: [tensorboard, wandb]}  # optional; each run's metrics, by subset and seed
 
 The metrics are those the runner writes to `{out}/metrics.json`. The built-in runner's are
 `stacklab build`'s: `val_bpb`, `task_acc/<task>` and `agent_success/<env>` (of the recipe's
@@ -77,7 +78,7 @@ from stacklab.integrate.contributions import (
 from stacklab.integrate.gitrepo import GitError, Repo, check_git
 from stacklab.integrate.select import Guardrail, Objective
 from stacklab.integrate.workspace import Resolved, Workspace, WorkspaceError
-from stacklab.recipe import Recipe, load_recipe
+from stacklab.recipe import Recipe, TrackerName, load_recipe
 
 PLACEHOLDERS = ("recipe", "seed", "out", "tree")
 
@@ -170,6 +171,16 @@ class RayExecutor(_Spec):
     cpus_per_run: float = Field(1.0, gt=0)
 
 
+class TrackingSpec(_Spec):
+    """Each finished run's metrics also logged to trackers, tagged by subset and seed."""
+
+    trackers: list[TrackerName] = Field(min_length=1)
+    project: str = Field("stacklab", min_length=1, description="the W&B and trackio project")
+    dir: str | None = Field(
+        None, min_length=1, description="relative to the round file; default: --out/tracking"
+    )
+
+
 RunnerSpec = Annotated[BuiltinRunner | ExternalRunner, Field(discriminator="kind")]
 ExecutorSpec = Annotated[LocalExecutor | RayExecutor, Field(discriminator="kind")]
 
@@ -209,6 +220,9 @@ class RoundSpec(_Spec):
         description="smallest utility gain worth keeping; default: half one run's utility noise",
     )
     draws: int = Field(1000, ge=100, le=20000, description="bootstrap draws per fit")
+    tracking: TrackingSpec | None = Field(
+        None, description="log each finished run to trackers; default: the store only"
+    )
 
     @field_validator("contributions", mode="before")
     @classmethod

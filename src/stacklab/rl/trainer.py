@@ -385,7 +385,7 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
     ckpt_root = work_dir / "checkpoints"
     step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
     start = time.perf_counter()
-    with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="rl") as log:
+    with progress_bar() as bar, MetricsLog(work_dir, step, True, "rl", recipe) as log:
         task = bar.add_task("rl", total=cfg.steps, completed=step)
         while step < cfg.steps:
             step += 1

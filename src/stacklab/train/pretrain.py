@@ -48,6 +48,8 @@ from stacklab.model.transformer import Transformer, build_model
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.progress import console, progress_bar
 from stacklab.recipe import Recipe, load_recipe
+from stacklab.tracking import NULL, Tracker, recipe_tracker
+from stacklab.tracking import require as require_trackers
 from stacklab.train import distributed as D
 from stacklab.train.checkpoint import (
     latest_checkpoint,
@@ -118,7 +120,7 @@ def _train(
     flops_per_token = raw.flops_per_token(seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world.world_size * seq_len
     autocast = _autocast(world.device, cfg.dtype)
-    log = MetricsLog(work_dir, step, enabled=world.is_main)
+    log = MetricsLog(work_dir, step, enabled=world.is_main, recipe=recipe)
     no_bad_step = cfg.steps + 1
     first_bad = torch.tensor(no_bad_step, device=world.device)  # first non-finite step, if any
     raw.train()
@@ -287,40 +289,42 @@ def measure_peak_flops(device: torch.device, repeats: int = 5) -> float:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (and TensorBoard when installed), written by rank 0 only.
+    """`metrics.jsonl`, and the trackers of `recipe.log` (tracking.py), written by rank 0 only.
 
     On resume from step `resume_step`, records after it (logged by a killed run after its last
-    checkpoint, or cut short mid-line) are dropped, so the file reads as one clean run.
+    checkpoint, or cut short mid-line) are dropped, so the file reads as one clean run. The
+    file is the record: a tracker that fails is warned about and switched off, never fatal.
     """
 
     def __init__(
-        self, work_dir: Path, resume_step: int, enabled: bool, prefix: str = "pretrain"
+        self,
+        work_dir: Path,
+        resume_step: int,
+        enabled: bool,
+        prefix: str = "pretrain",
+        recipe: Recipe | None = None,
     ) -> None:
         self.path = work_dir / METRICS_FILE
         self.enabled = enabled
         self.prefix = prefix
         self._file: Any = None
-        self._tb: Any = None
+        self._tracker: Tracker = NULL
+        if recipe is not None:  # on every rank: one stopping alone would leave others waiting
+            require_trackers(recipe.log.trackers, "recipe key log.trackers")
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # the tensorboard package is optional
-            return
-        self._tb = SummaryWriter(str(work_dir / "tensorboard"), purge_step=resume_step + 1)
+        if recipe is not None:
+            self._tracker = recipe_tracker(recipe, work_dir, prefix, resume_step)
 
     def write(self, record: dict[str, float]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self._tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
+        self._tracker.log(record, int(record["step"]), self.prefix)
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -328,8 +332,7 @@ class MetricsLog:
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._tracker.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -196,7 +196,7 @@ def _train(recipe: Recipe, model: Any, schedule: Schedule, work_dir: Path) -> Me
     model.train()
     start = time.perf_counter()
     trained_tokens = 0
-    with progress_bar() as bar, MetricsLog(work_dir, step, True, prefix="sft") as log:
+    with progress_bar() as bar, MetricsLog(work_dir, step, True, "sft", recipe) as log:
         task = bar.add_task("sft", total=cfg.steps, completed=step)
         while step < cfg.steps:
             idx = schedule.batch(step, cfg.batch_size, recipe.seed)
