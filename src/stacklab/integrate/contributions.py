@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import (
@@ -54,6 +54,7 @@ from stacklab.integrate.configs import Baseline, ContributionError, RecipeBaseli
 from stacklab.recipe import Recipe, canonical_hash, get_dotted
 
 Area = Literal["data", "architecture", "optimizer", "rl", "agent", "systems"]
+T = TypeVar("T", int, str)  # node labels of a graph: indices or ids
 
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
@@ -305,15 +306,21 @@ def _holds(section: Any, rest: str, value: Any) -> bool:
 
 
 def choice_groups(contribs: Iterable[Contribution]) -> list[list[str]]:
-    """Mutually exclusive sets of ids: the connected components of the conflict graph.
+    """Mutually exclusive sets of ids: the connected components of the conflict graph."""
+    contribs = list(contribs)
+    return components([c.id for c in contribs], list(conflicts(contribs)))
 
-    Components (not just conflicting pairs) make the groups a partition, so a planner can
+
+def components(nodes: Iterable[T], pairs: Iterable[tuple[T, T]]) -> list[list[T]]:
+    """The connected components of the graph of `pairs` that have more than one node, each
+    sorted, in sorted order.
+
+    Components (not just conflicting pairs) make choice groups a partition, so a planner can
     enumerate allowed subsets as "at most one from each group". The price: if a conflicts
     with b and b with c, a and c are not combined either, even though they could be.
     """
-    contribs = list(contribs)
-    neighbours: dict[str, set[str]] = {c.id: set() for c in contribs}
-    for a, b in conflicts(contribs):
+    neighbours: dict[T, set[T]] = {node: set() for node in nodes}
+    for a, b in pairs:
         neighbours[a].add(b)
         neighbours[b].add(a)
     groups, placed = [], set()

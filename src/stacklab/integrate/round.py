@@ -72,6 +72,7 @@ from stacklab.integrate.contributions import (
     Contribution,
     ContributionError,
     blind_ids,
+    components,
     conflicts,
     load_contributions,
 )
@@ -369,7 +370,7 @@ def load_round(path: str | Path, work: Path | None = None) -> Round:
         for (a, b), keys in conflicts(contribs).items()
     }
     exclusive |= _code_conflicts(workspace, contribs)
-    groups = _components(len(contribs), exclusive)
+    groups = components(range(len(contribs)), [tuple(sorted(p)) for p in exclusive])
     _check_distinct(workspace, contribs, exclusive)
 
     directions = {o.metric: o.direction for o in spec.objectives}
@@ -443,32 +444,6 @@ def _resolve(workspace: Workspace, subset: frozenset[int], c: Contribution | Non
     except WorkspaceError as exc:
         where = c.source if c is not None else "baseline"
         raise RoundError(f"{where}: {exc}") from None
-
-
-def _components(n: int, exclusive: dict[frozenset[int], str]) -> list[list[int]]:
-    """Choice groups: connected components of the graph of pairs never combined.
-
-    Components (not just the pairs) make the groups a partition, so a planner can enumerate
-    allowed subsets as "at most one from each group"; the price is that a and c are not
-    combined when each conflicts with b.
-    """
-    neighbours: dict[int, set[int]] = {i: set() for i in range(n)}
-    for pair in exclusive:
-        i, j = sorted(pair)
-        neighbours[i].add(j)
-        neighbours[j].add(i)
-    groups, placed = [], set()
-    for start in range(n):
-        if start in placed or not neighbours[start]:
-            continue
-        component, frontier = {start}, [start]
-        while frontier:
-            for other in neighbours[frontier.pop()] - component:
-                component.add(other)
-                frontier.append(other)
-        placed |= component
-        groups.append(sorted(component))
-    return sorted(groups)
 
 
 # --------------------------------------------------------------------------- baselines, code
