@@ -19,6 +19,8 @@ from stacklab.integrate.verdicts import (
     guard_margins,
     paired_interval,
     pooled_noise,
+    seeds_for_power,
+    seeds_to_settle,
     verdict,
 )
 
@@ -395,3 +397,43 @@ def test_detectable_gain_has_its_power(n):
     hits = [paired_interval(d, level, noise=(1.0, math.inf)).low > 0 for d in y_a - y_b]
     rate = np.mean(hits)
     assert 0.75 <= rate <= 0.85, f"n={n}: power {rate:.4f}"
+
+
+def test_seeds_to_settle_is_the_fewest_blocks_whose_interval_clears_the_nearer_boundary() -> None:
+    def half_width(iv: Interval, extra: int) -> float:
+        tail = 0.5 + iv.level / 2
+        sd = (iv.high - iv.low) / 2 / stats.t.ppf(tail, iv.df) * math.sqrt(iv.n)
+        return stats.t.ppf(tail, iv.df + extra) * sd / math.sqrt(iv.n + extra)
+
+    cases = [  # (interval, min_effect, block, the boundary's distance from the estimate)
+        (Interval(0.0, -0.5, 0.5, 0.95, 3, 2.0), 0.25, 3, 0.25),  # below: top under 0.25
+        (Interval(0.0, -0.5, 0.5, 0.95, 3, 2.0), 0.25, 1, 0.25),
+        (Interval(0.2, -0.1, 0.5, 0.95, 4, 3.0), 0.1, 1, 0.2),  # above: bottom over 0
+        (Interval(-0.1, -0.9, 0.7, 0.99, 6, 40.0), 0.3, 3, 0.4),  # pooled df, level 99%
+    ]
+    for iv, min_effect, block, distance in cases:
+        extra = seeds_to_settle(iv, min_effect, block)
+        assert extra is not None and extra % block == 0 and extra >= block
+        assert half_width(iv, extra) < distance
+        assert extra == block or half_width(iv, extra - block) >= distance
+    # At 3 seeds and 2 df most of the width is the t quantile: far fewer seeds than the
+    # 1/sqrt(n) rule alone says (it would say 9 more).
+    assert seeds_to_settle(Interval(0.0, -0.5, 0.5, 0.95, 3, 2.0), 0.25, 1) == 2
+    # Almost settled: at least one block more, never zero.
+    assert seeds_to_settle(Interval(0.2, 0.01, 0.39, 0.95, 9, 8.0), 0.1, block=3) == 3
+    # No boundary ahead (estimate and min_effect zero), no seeds yet, or beyond `most`.
+    assert seeds_to_settle(Interval(0.0, -0.5, 0.5, 0.95, 3, 2.0), 0.0) is None
+    assert seeds_to_settle(Interval(0.0, -1.0, 1.0, 0.95, 0, 0.0), 0.25) is None
+    assert seeds_to_settle(Interval(0.0, -1.0, 1.0, 0.95, 3, 2.0), 1e-4, most=50) is None
+
+
+def test_seeds_for_power_is_the_smallest_plan_whose_last_look_may_shelve_no_gain() -> None:
+    for alpha, block in [(0.05, 3), (0.05, 2), (0.01, 4)]:
+        seeds = seeds_for_power(alpha, block)
+        looks = seeds // block
+        plan = SequentialPlan(alpha, looks, block)
+        assert detectable_gain(1.0, math.inf, seeds, plan.alpha_at(looks)) <= 1.5
+        if looks > 1:
+            fewer = SequentialPlan(alpha, looks - 1, block)
+            assert detectable_gain(1.0, math.inf, fewer.max_seeds, fewer.alpha_at(looks - 1)) > 1.5
+    assert seeds_for_power(0.05, 3) == 9

@@ -19,7 +19,14 @@ from stacklab.integrate.credit import MAX_PLAYERS, Credit, credit_with_intervals
 from stacklab.integrate.planner import Subset, UtilityDraws
 from stacklab.integrate.select import Guardrail
 from stacklab.integrate.store import Run
-from stacklab.integrate.verdicts import Interval, SequentialPlan, Verdict, detectable_gain
+from stacklab.integrate.verdicts import (
+    Interval,
+    SequentialPlan,
+    Verdict,
+    detectable_gain,
+    seeds_for_power,
+    seeds_to_settle,
+)
 
 if TYPE_CHECKING:
     from stacklab.integrate.engine import Views, _Session
@@ -48,7 +55,7 @@ class Comparison:
     pool: list[Subset]
     pool_seeds: list[int] = field(default_factory=list)
     attempt: int = 0
-    looks_left: int = 0
+    looks_left: int = 0  # looks the plan had left after this one
 
 
 @dataclass
@@ -373,14 +380,25 @@ class Evidence:
         )
 
     def _undecided(self, c: Comparison) -> str:
-        runs = max(2, 2 * c.looks_left * self.rnd.confirm_count)
+        """Why a comparison is open, and about how many more runs would settle it: both
+        recipes on more seeds, until its interval clears the nearer boundary at its current
+        estimate and spread, or until the seed count at which a powered plan's last look may
+        shelve "no gain", whichever comes first."""
+        block, plan = self.rnd.confirm_count, self.conf.plan
+        seeds = seeds_to_settle(c.interval, self.s.min_effect, block) if c.interval.n else None
+        # The seeds at which a last look may shelve "no gain": this plan's last look, or, when
+        # the budget could not pay for a powered plan, the smallest powered one.
+        last = plan.looks * block if self.conf.powered else seeds_for_power(plan.alpha, block)
+        to_last = max(block, last - c.interval.n)
+        seeds = to_last if seeds is None else min(seeds, to_last)
+        more = f"about {2 * seeds} more runs would settle it"
         what = {
             "loo": "leave-one-out inside the final recipe",
             "added": "added to the final recipe",
             "swap": "in place of its choice-group rival",
         }[c.kind]
         shown = self.describe(c) if c.interval.n else "not measured (the budget ran out)"
-        return f"undecided: {what} {shown}; about {runs} more runs would settle it"
+        return f"undecided: {what} {shown}; {more}"
 
     def _culprit(self, i: int) -> tuple[int, str, Comparison] | None:
         """The final member whose measured interaction with i is shown to hurt the most."""

@@ -90,6 +90,8 @@ from stacklab.integrate.select import (
 )
 from stacklab.integrate.store import Run, RunStore, StoreError, run_key
 from stacklab.integrate.verdicts import (
+    MAX_PLAN_LOOKS,
+    POWER_TARGET,
     Interval,
     SequentialPlan,
     Verdict,
@@ -106,11 +108,9 @@ from stacklab.tracking import RoundTracker
 
 MAX_BATCHES = 50  # adaptive batches; the budget normally stops a round long before
 MAX_ATTEMPTS = 6  # rounds of comparisons (each change of the final recipe starts one)
-MAX_LOOKS = 16  # blocks of confirmation seeds a comparison may get (the budget binds first)
 CONFIRM_SHARE = 0.8  # of the budget left after screening, held back for the confirmation
 MIN_EFFECT_NOISE = 0.5  # default min_effect, in units of one run's utility noise
 PRUNE_PROB = 0.8  # model's P(gain > 0) a member needs to be confirmed without a gain alone
-POWER_TARGET = 1.5  # a last look may shelve "no gain" only if it finds this many noise sds
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ class _Session:
         first = block * (2 + comparisons)
         later = block * (1 + max(1, math.ceil(comparisons / 2)))
         looks = 1 + max(0, left - first) // later
-        return SequentialPlan(self.alpha, int(min(MAX_LOOKS, max(1, looks))), block)
+        return SequentialPlan(self.alpha, int(min(MAX_PLAN_LOOKS, max(1, looks))), block)
 
     def _propose(self, fits: dict[str, EffectsFit]) -> Proposal:
         spec = self.rnd.spec

@@ -47,6 +47,8 @@ from scipy import stats
 
 Verdict = Literal["accept", "harm", "small", "none", "open"]
 POWER = 0.8  # the power the up-front plan quotes
+POWER_TARGET = 1.5  # a last look may shelve "no gain" only if it finds this many noise sds
+MAX_PLAN_LOOKS = 16  # blocks of confirmation seeds a comparison may get (the budget binds first)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,51 @@ def verdict(iv: Interval, min_effect: float, final: bool) -> Verdict:
     if iv.high < min_effect or final:
         return "small" if iv.low > 0 else "none"
     return "open"
+
+
+def seeds_to_settle(
+    iv: Interval, min_effect: float, block: int = 1, most: int = 100_000
+) -> int | None:
+    """More seeds an open comparison needs, at its current estimate and per-seed spread, for
+    its interval to clear the boundary nearer its estimate (zero above min_effect: accepted;
+    min_effect below it: too small or no gain), in whole blocks; None when there is no
+    boundary ahead to aim at (an estimate of exactly zero with min_effect zero) or more than
+    `most` seeds would be needed.
+
+    The interval is read as t(level, df) * sd / sqrt(n): with n' seeds its half-width is
+    t(level, df + n' - n) * sd / sqrt(n') (the noise is pooled, so each seed adds a degree of
+    freedom). The level stays this look's, so the count is an estimate, not a promise.
+    """
+    half = (iv.high - iv.low) / 2.0
+    target = iv.estimate if iv.estimate >= min_effect else min_effect - iv.estimate
+    if iv.n < 1 or iv.df <= 0 or not math.isfinite(half) or not target > 0:
+        return None
+    tail = 0.5 + iv.level / 2.0
+    sd = half / float(stats.t.ppf(tail, iv.df)) * math.sqrt(iv.n)
+    block = max(1, block)
+
+    def settles(blocks: int) -> bool:  # the half-width falls as seeds are added
+        extra = blocks * block
+        return float(stats.t.ppf(tail, iv.df + extra)) * sd / math.sqrt(iv.n + extra) < target
+
+    if not settles(most // block):
+        return None
+    low, high = 0, most // block  # settles(high); not settles(low) unless low == 0
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if settles(mid) else (mid, high)
+    return high * block
+
+
+def seeds_for_power(alpha: float, block: int, target: float = POWER_TARGET) -> int:
+    """Confirmation seeds a sequential plan (looks of `block` seeds, `alpha` spent over them)
+    needs for its last look to find gains of `target` noise sds with 80% power, the condition
+    for that look to shelve "no gain"; at most MAX_PLAN_LOOKS looks."""
+    for looks in range(1, MAX_PLAN_LOOKS + 1):
+        plan = SequentialPlan(alpha, looks, block)
+        if detectable_gain(1.0, math.inf, plan.max_seeds, plan.alpha_at(looks)) <= target:
+            return plan.max_seeds
+    return MAX_PLAN_LOOKS * block
 
 
 def detectable_gain(
