@@ -84,3 +84,69 @@ def test_a_chat_too_long_for_the_model_starts_over(run: Path) -> None:
     )
     assert [m["role"] for m in messages] == ["system"]
     assert "no longer fits" in out.getvalue()
+
+
+def run_with_recipe(run: Path, tmp_path: Path, **sections) -> Path:
+    """A copy of `run` whose recipe.yaml says what its post-training used."""
+    import shutil
+
+    from stacklab.recipe import Recipe
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    recipe = Recipe(seed=5)
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        setattr(getattr(recipe, section), key, value)
+    (copy / "recipe.yaml").write_text(recipe.to_yaml())
+    return copy
+
+
+def first_prompt_ids(run: Path, monkeypatch, question: str, **kw) -> list[int]:
+    seen: list[list[int]] = []
+
+    def fake_generate(model, prompts, max_new_tokens, **_):
+        seen.append(list(prompts[0]))
+        tok = chat_module.load_tokenizer(run / "tokenizer")
+        return [Generation(tok.encode("done").ids, None, None)]
+
+    monkeypatch.setattr(chat_module, "generate", fake_generate)
+    chat_module.chat(run, read=scripted([question]), console=Console(file=io.StringIO()), **kw)
+    return seen[0]
+
+
+@pytest.mark.parametrize("env", ["calculator", "lookup"])
+def test_a_chat_turn_is_encoded_as_the_eval_episode_encodes_the_question(
+    run: Path, tmp_path: Path, monkeypatch, env: str
+) -> None:
+    from stacklab.data.chat import encode_chat
+    from stacklab.envs.suite import agent_tasks, make_env
+
+    trained = run_with_recipe(
+        run, tmp_path, sft__enabled=True, sft__agent_envs=[env], rl__enabled=False
+    )
+    seed = chat_module.trained_envs(trained)[1]
+    toolbox, tasks = agent_tasks(env, "eval", 3, seed)  # what `stacklab eval` plays
+    episode = make_env(env, toolbox, tasks, max_turns=4).reset(tasks[0])
+    tok = chat_module.load_tokenizer(trained / "tokenizer")
+    expected, _ = encode_chat(tok, episode, add_generation_prompt=True)
+    assert first_prompt_ids(trained, monkeypatch, tasks[0].question) == expected
+
+
+def test_a_run_trained_on_no_agent_env_chats_without_a_system_prompt(
+    run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from stacklab.data.chat import encode_chat
+
+    plain = run_with_recipe(run, tmp_path, sft__enabled=True, sft__agent_envs=[],
+                            rl__enabled=False)  # fmt: skip
+    tok = chat_module.load_tokenizer(plain / "tokenizer")
+    expected, _ = encode_chat(
+        tok, [{"role": "user", "content": "2+2="}], add_generation_prompt=True
+    )
+    assert first_prompt_ids(plain, monkeypatch, "2+2=") == expected
+    # An own system prompt still replaces it, and an unknown env is a clear error.
+    ids = first_prompt_ids(plain, monkeypatch, "2+2=", system="Be brief.")
+    assert ids != expected
+    with pytest.raises(chat_module.StacklabError, match="unknown agent environment 'web'"):
+        chat_module.chat(plain, env="web", read=scripted([]), console=Console(file=io.StringIO()))

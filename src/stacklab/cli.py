@@ -179,13 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "chat",
         help="talk to a run's model in the terminal, with tools",
-        description="Chat with RUN's final model in the ChatML format. The model may call a "
-        "calculator and a sandboxed Python tool; their results go back to it. /quit or end "
-        "of input leaves.",
+        description="Chat with RUN's final model in the ChatML format, opened the way the run "
+        "was trained: the system prompt and tools of the first agent environment of its "
+        "post-training (sft.agent_envs, then rl.envs), as in its evaluation episodes; no "
+        "system prompt when it trained on none. Tool results go back to the model. /quit or "
+        "end of input leaves.",
     )
     p.add_argument("run", metavar="RUN", type=Path)
     p.add_argument("--no-tools", action="store_true", help="do not offer tools")
-    p.add_argument("--system", help="the system prompt")
+    p.add_argument(
+        "--env",
+        choices=["calculator", "lookup"],
+        help="open as this agent environment does (default: the run's first trained one)",
+    )
+    p.add_argument("--system", help="a system prompt of your own instead of the trained one")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -426,7 +433,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from stacklab.chat import chat
 
     chat(
-        args.run, tools=not args.no_tools, system=args.system, temperature=args.temperature,
+        args.run, tools=not args.no_tools, env=args.env, system=args.system,
+        temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, seed=args.seed, stage=args.stage, console=console,
     )  # fmt: skip
     return 0
