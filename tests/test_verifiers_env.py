@@ -243,9 +243,7 @@ def rl_recipe() -> Recipe:
         lr=1e-3,
         ckpt_every=3,
     )
-    # A `verifiers:` name is set past validation, in case the recipe's env names still
-    # accept only the built-in ones.
-    recipe.rl = recipe.rl.model_copy(update={"envs": [NAME]})
+    recipe.rl.envs = [NAME]  # validated: rl.envs accepts `verifiers:` names
     return recipe
 
 
