@@ -462,8 +462,9 @@ def _plain_workspace(spec: RoundSpec, here: Path, file: Path) -> tuple[Workspace
         raise RoundError(f"{file}: baseline: no file {here / spec.baseline}")
     path = _baseline_path(spec.baseline, here, file)
     baseline: Baseline
-    if not external or _is_recipe(path):
-        baseline = RecipeBaseline(load_recipe(path))
+    recipe = load_recipe(path) if not external else _as_recipe(path)
+    if recipe is not None:
+        baseline = RecipeBaseline(recipe)
     else:
         try:
             baseline = FileBaseline.load(path)
@@ -489,21 +490,22 @@ def _plain_workspace(spec: RoundSpec, here: Path, file: Path) -> tuple[Workspace
 _RECIPE_SECTIONS = {"base", "name", "data", "model", "optim", "pretrain", "sft", "rl", "eval"}
 
 
-def _is_recipe(path: Path) -> bool:
-    """Is an external runner's baseline a stacklab recipe? A built-in name, or a YAML file
-    that either validates as one or uses its sections (then its errors are the recipe's)."""
+def _as_recipe(path: Path) -> Recipe | None:
+    """An external runner's baseline as a stacklab recipe, or None for another config: a
+    YAML file is a recipe when it validates as one, or when it uses a recipe's sections (then
+    its errors are the recipe's, raised here)."""
     if path.suffix not in (".yaml", ".yml"):
-        return False
+        return None
     try:
-        load_recipe(path)
-        return True
+        return load_recipe(path)
     except StacklabError:
-        pass
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and bool(_RECIPE_SECTIONS & set(raw))
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        if isinstance(raw, dict) and _RECIPE_SECTIONS & set(raw):
+            raise
+        return None
 
 
 def _git_workspace(
