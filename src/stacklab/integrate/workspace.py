@@ -19,7 +19,6 @@ Trees are exported once each, under `<work>/trees/<tree hash>/`, and runs execut
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +151,3 @@ class Workspace:
         if self.work is None:
             raise WorkspaceError("a git round", "needs a work folder to export its trees into")
         return self.repo.export(resolved.tree, self.work / "trees")
-
-
-def command_argv(command: str) -> list[str]:
-    """The external runner's command template, split once (as the runner does)."""
-    return shlex.split(command)
