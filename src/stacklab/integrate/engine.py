@@ -62,6 +62,7 @@ from stacklab.integrate.decide import (
     finite,
 )
 from stacklab.integrate.effects import EffectsFit, fit_effects
+from stacklab.integrate.ladder import LadderOutcome, run_ladder
 from stacklab.integrate.lock import hold_round_folder
 from stacklab.integrate.planner import (
     Proposal,
@@ -73,7 +74,7 @@ from stacklab.integrate.planner import (
 )
 from stacklab.integrate.provenance import stale_reason
 from stacklab.integrate.report import write_reports
-from stacklab.integrate.round import Round, RoundError, load_round
+from stacklab.integrate.round import Round, RoundError, Rung, load_round
 from stacklab.integrate.runners import (
     CommandRunner,
     Executor,
@@ -115,12 +116,15 @@ PRUNE_PROB = 0.8  # model's P(gain > 0) a member needs to be confirmed without a
 
 @dataclass(frozen=True)
 class DesignRun:
-    """A run of the design: which subset, which seed, in which batch it was first planned."""
+    """A run of the design: which subset, which seed, in which batch it was first planned
+    (and, in a scale ladder, at which rung and learning rate)."""
 
     key: str
     subset: Subset
     seed: int
     batch: int
+    rung: str | None = None
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class Batch:
     subsets: list[Subset]
     seeds: list[int]
     why: dict[Subset, str]
+    rung: str | None = None
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,17 @@ class Views:
 
     full: dict[str, EffectsFit]
     screen: dict[str, EffectsFit]
+
+
+@dataclass(frozen=True)
+class Searched:
+    """What a session's screening, search and confirmation found, before the reports."""
+
+    views: Views
+    choice: Choice
+    chosen: Subset  # the model's choice sent to the confirmation
+    conf: Confirmation
+    stopped: str  # why the search stopped: confident | budget | batch limit
 
 
 @dataclass
@@ -184,7 +201,20 @@ def integrate(
             if not shared:  # half-exported trees of a killed engine (a git round)
                 for tmp in (out / "trees").glob(".*.tmp-*"):
                     shutil.rmtree(tmp, ignore_errors=True)
-            result = _Session(rnd, out, store, runner, executor, console).run()
+            if rnd.rungs:  # a scale ladder: one session per rung (ladder.py)
+
+                def session(
+                    rung: Rung, budget: int, first_batch: int, avoid: Iterable[int]
+                ) -> _Session:
+                    assert console is not None
+                    return _Session(
+                        rnd, out, store, runner, executor, console, rung, budget, first_batch,
+                        avoid,
+                    )  # fmt: skip
+
+                result = run_ladder(session, rnd, lambda text: console.print(text, highlight=False))
+            else:
+                result = _Session(rnd, out, store, runner, executor, console).run()
         write_reports(result, out)
     console.print(
         f"[bold]decision[/] in {escape(str(out / 'decision.json'))}; "
@@ -205,18 +235,36 @@ class _Session:
         runner: CommandRunner,
         executor: Executor,
         console: Console,
+        rung: Rung | None = None,
+        budget: int | None = None,
+        first_batch: int = 0,
+        avoid_seeds: Iterable[int] = (),
     ):
         self.rnd, self.out, self.store = rnd, out, store
         self.runner, self.executor, self.console = runner, executor, console
         self.n = len(rnd.contributions)
+        # A rung of a scale ladder (ladder.py): its patch goes on top of every subset, its
+        # share of the budget is this session's, and its seeds avoid the lower rungs'.
+        self.rung = rung
+        self.budget = rnd.spec.budget if budget is None else budget
+        self.first_batch = first_batch
+        self.avoid_seeds = set(avoid_seeds)
+        self.lr: dict[str, float] | None = None  # lr_tuning at this rung: "base" and "other"
+        # A larger rung (ladder.py): the first rung's session (its screening stands in for
+        # "alone" evidence), the close calls to add to the recipe, and the first block's seeds.
+        self.first: _Session | None = None
+        self.close: list[int] | None = None
+        self.first_block: list[int] | None = None
         self.points: dict[str, DesignRun] = {}
         self.batches: list[Batch] = []
         self._resolved: dict[str, Resolved] = {}  # run key -> its config and code
-        # This round's finished runs from earlier invocations, by (blind subset, seed): a
-        # request under a new key for one of them sets it aside as stale (other code).
-        self._earlier: dict[tuple[tuple[str, ...], int], list[Run]] = {}
+        # This round's finished runs from earlier invocations, by (blind subset, seed, rung,
+        # lr): a request under a new key for one of them sets it aside as stale (other code).
+        self._earlier: dict[tuple[Any, ...], list[Run]] = {}
         for run in store.runs(round=rnd.name, status="done"):
-            self._earlier.setdefault((tuple(sorted(run.subset)), run.seed), []).append(run)
+            self._earlier.setdefault(_earlier_key(run.subset, run.seed, run.provenance), []).append(
+                run
+            )
         self.stale: dict[str, str] = {}  # run key -> why it no longer counts
         self._metrics: dict[str, dict[str, float] | None] = {}  # finished runs' metrics
         self.notes: list[str] = []
@@ -233,22 +281,27 @@ class _Session:
     # ------------------------------------------------------------------ the round
 
     def run(self) -> RoundResult:
-        rnd, spec = self.rnd, self.rnd.spec
+        return self._result(self.search())
+
+    def search(self) -> Searched:
+        """Screening, search and confirmation: everything but the reports."""
+        rnd = self.rnd
         screen = screening_design(self.n, rnd.groups)
         need = len(screen) * len(rnd.seeds) + 3 * rnd.confirm_count
-        if spec.budget < need:
+        if self.budget < need:
+            what = f"rung {self.rung.name}'s share of the budget" if self.rung else "budget"
             raise RoundError(
-                f"{rnd.file}: budget {spec.budget} is below what screening "
+                f"{rnd.file}: {what} ({self.budget} runs) is below what screening "
                 f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and the smallest look of "
                 f"the confirmation (3 recipes x {rnd.confirm_count} seeds) need: {need}"
             )
         self.say(
             f"[bold]round {rnd.name}[/]: {self.n} contributions "
-            f"({', '.join(rnd.blind[c] for c in rnd.ids)}), budget {spec.budget} runs"
+            f"({', '.join(rnd.blind[c] for c in rnd.ids)}), budget {self.budget} runs{self.at}"
         )
         self.run_batch("screening", screen, rnd.seeds)
         self._calibrate()
-        reserve = max(3 * rnd.confirm_count, round(CONFIRM_SHARE * (spec.budget - self.used)))
+        reserve = max(3 * rnd.confirm_count, round(CONFIRM_SHARE * (self.budget - self.used)))
         self.reserve = reserve
         self.say(f"  {reserve} runs held back for the confirmation")
 
@@ -261,7 +314,7 @@ class _Session:
             seeds = fresh_seeds(self._used_seeds(), len(rnd.seeds))
             subsets = [frozenset(), *proposal.subsets]
             while (
-                len(subsets) > 1 and self.used + self.cost(subsets, seeds) + reserve > spec.budget
+                len(subsets) > 1 and self.used + self.cost(subsets, seeds) + reserve > self.budget
             ):
                 subsets.pop()
             if len(subsets) == 1 or len(self.batches) >= MAX_BATCHES:
@@ -283,7 +336,7 @@ class _Session:
                 f"{len(self.stale)} stored runs of this round set aside as stale: "
                 + "; ".join(f"{n} because {why}" for why, n in counts.items())
             )
-        return self._result(views, choice, chosen, conf, stopped)
+        return Searched(views, choice, chosen, conf, stopped)
 
     def _calibrate(self) -> None:
         """Fix the utility's units, the noise floor and min_effect from the screening runs."""
@@ -335,7 +388,7 @@ class _Session:
     def _plan(self, comparisons: int) -> SequentialPlan:
         """Looks the budget left can pay for, with `comparisons` open at the first look."""
         block = self.rnd.confirm_count
-        left = self.rnd.spec.budget - self.used
+        left = self.budget - self.used
         first = block * (2 + comparisons)
         later = block * (1 + max(1, math.ceil(comparisons / 2)))
         looks = 1 + max(0, left - first) // later
@@ -400,9 +453,39 @@ class _Session:
 
     # ------------------------------------------------------------------ confirmation
 
+    def adopt(self, first: _Session) -> None:
+        """A larger rung judges in the first rung's units: the same objective scales,
+        min_effect and level; its noise floor stands in for planning until this rung's own
+        runs give one."""
+        self.first = first
+        self.objectives = list(first.objectives)
+        self.min_effect = first.min_effect
+        self.noise_floor = dict(first.noise_floor)
+        self.power = dict(first.power)
+
+    def confirm_upper(self, chosen: Subset, close: Sequence[int]) -> Confirmation:
+        """A larger rung: the recipe the rung below chose against the baseline, each member's
+        leave-one-out and each close call added, in sequential looks as at the first rung."""
+        assert self.first is not None
+        self.close = list(close)
+        return self._confirm(chosen, {})
+
+    def _grouped_with(self, j: int, final: Subset) -> bool:
+        return any(j in g and final.intersection(g) for g in self.rnd.groups)
+
+    def helps_alone(self, j: int) -> bool:
+        """Is j's gain alone shown (on the first rung's screening seeds)?"""
+        if self.first is not None:
+            return self.first.helps_alone(j)
+        alone = self.alone(j)
+        return alone is not None and alone.verdict == "accept"
+
     def _suspects(self, final: Subset) -> list[int]:
         """Left-out contributions whose gain alone is shown (and no guardrail breach alone):
-        the confirmation measures them added to the final recipe."""
+        the confirmation measures them added to the final recipe. At a larger rung: the close
+        calls of the rung below."""
+        if self.close is not None:
+            return [j for j in self.close if j not in final and not self._grouped_with(j, final)]
         out = []
         for j in range(self.n):
             if j in final or any(j in g and final.intersection(g) for g in self.rnd.groups):
@@ -472,7 +555,7 @@ class _Session:
             seen.add(change)
             first = [frozenset(), change, *(change - {i} for i in change)]
             first += [change | {j} for j in self._suspects(change)]
-            if self.used + self.cost(first, self._block(conf, 1)) > self.rnd.spec.budget:
+            if self.used + self.cost(first, self._block(conf, 1)) > self.budget:
                 conf.out_of_budget = True
                 self.notes.append(
                     f"the final recipe became {self.names(change, blind=False)} with no budget "
@@ -493,7 +576,9 @@ class _Session:
     def _block(self, conf: Confirmation, look: int) -> list[int]:
         """Seeds of look `look` (1-based): the round's confirmation seeds first, then fresh."""
         while len(conf.blocks) < look:
-            if not conf.blocks and self.rnd.confirm_list is not None:
+            if not conf.blocks and self.first_block is not None:
+                conf.blocks.append(list(self.first_block))
+            elif not conf.blocks and self.rnd.confirm_list is not None and self.first is None:
                 conf.blocks.append(list(self.rnd.confirm_list))
             else:
                 used = self._used_seeds() | {s for b in conf.blocks for s in b}
@@ -511,6 +596,8 @@ class _Session:
         rival in the final recipe: swapped in for it, since the model may have picked the
         weaker of two alternatives. Best first, as many as the budget can pay for whole.
         """
+        if self.close is not None:  # a larger rung measures only what the rung below sent up
+            return [], []
         left, swaps = [], []
         for j in range(self.n):
             if j in final or j in measured or j in conf.tested:
@@ -539,7 +626,7 @@ class _Session:
             recipe = self._swap(final, j) if is_swap else final | {j}
             # a whole look sequence for it: the first look and, at worst, every later one
             need = self.cost([*chosen, recipe], block) * conf.plan.looks
-            if self.used + need > self.rnd.spec.budget:
+            if self.used + need > self.budget:
                 break
             chosen.append(recipe)
             picked[is_swap].append(j)
@@ -580,7 +667,7 @@ class _Session:
         for look in range(1, plan.looks + 1):
             block = self._block(conf, look)
             recipes = self._look_recipes(final, pairs, open_, look == 1 or guards_open)
-            if self.used + self.cost(recipes, block) > self.rnd.spec.budget:
+            if self.used + self.cost(recipes, block) > self.budget:
                 conf.out_of_budget = True
                 break
             self.run_batch("confirmation", recipes, block)
@@ -595,7 +682,7 @@ class _Session:
             if look < plan.looks and (still or guards_open):
                 after = self._block(conf, look + 1)
                 nxt = self._look_recipes(final, pairs, still, guards_open)
-                if self.used + self.cost(nxt, after) > self.rnd.spec.budget:
+                if self.used + self.cost(nxt, after) > self.budget:
                     alpha = plan.alpha - spent  # the last look this attempt can pay for
                     verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, False)
                                 for m in evaluate}  # fmt: skip
@@ -688,7 +775,7 @@ class _Session:
             return final - {worst}
         if not drops:
             return None
-        helpful = [c for c in drops if (a := self.alone(c.member)) and a.verdict == "accept"]
+        helpful = [c for c in drops if self.helps_alone(c.member)]
         if len(helpful) >= 2:
             weakest = min(helpful, key=lambda c: (c.interval.estimate, c.member))
             out = {weakest.member} | {c.member for c in drops if c not in helpful}
@@ -747,7 +834,10 @@ class _Session:
         return paired_interval(diffs, level, noise)
 
     def alone(self, j: int) -> Comparison | None:
-        """j alone against the baseline on the screening seeds (noise pooled over screening)."""
+        """j alone against the baseline on the screening seeds (noise pooled over screening);
+        None at a larger rung of a ladder, which has no screening."""
+        if self.first is not None:
+            return None
         if not hasattr(self, "_alone"):
             self._alone: dict[int, Comparison | None] = {}
         if j not in self._alone:
@@ -787,10 +877,31 @@ class _Session:
     def used(self) -> int:
         return len(self.points)
 
+    @property
+    def at(self) -> str:
+        """ " at rung NAME" inside a ladder, else ""."""
+        return f" at rung {self.rung.name}" if self.rung else ""
+
+    def resolve(self, subset: Subset, lr: float | None = None) -> Resolved:
+        """The subset's config and code at this session's rung: the rung's patch on top, and
+        with lr_tuning the learning rate (`lr`, else the tuned one of the baseline or of the
+        other recipes)."""
+        if self.rung is None:
+            return self.rnd.workspace.resolve(subset)
+        extra = dict(self.rung.patch)
+        tag: dict[str, Any] = {"rung": self.rung.name}
+        if lr is None and self.lr is not None:
+            lr = self.lr["base" if not subset else "other"]
+        if lr is not None:
+            assert self.rnd.spec.lr_tuning is not None
+            extra[self.rnd.spec.lr_tuning.key] = lr
+            tag["lr"] = lr
+        return self.rnd.workspace.resolve(subset, extra, tag)
+
     def recipe(self, subset: Subset) -> tuple[str, dict[str, Any]]:
         """(hash, config) of the baseline with `subset` applied, without the seed: the hash
         names the config and the code that runs it (workspace.py)."""
-        resolved = self.rnd.workspace.resolve(subset)
+        resolved = self.resolve(subset)
         return resolved.run_hash, resolved.data
 
     def key(self, subset: Subset, seed: int) -> str:
@@ -806,13 +917,17 @@ class _Session:
         subsets: Sequence[Subset],
         seeds: Sequence[int],
         why: Mapping[Subset, str] | None = None,
+        lr: float | None = None,
     ) -> None:
-        number = len(self.batches)
-        self.batches.append(Batch(number, purpose, list(subsets), list(seeds), dict(why or {})))
+        number = self.first_batch + len(self.batches)
+        rung = self.rung.name if self.rung else None
+        self.batches.append(
+            Batch(number, purpose, list(subsets), list(seeds), dict(why or {}), rung, lr)
+        )
         keys = []
         recipe = self.rnd.workspace.is_recipe
         for subset in subsets:
-            resolved = self.rnd.workspace.resolve(subset)
+            resolved = self.resolve(subset, lr)
             blind = [self.rnd.blind[self.rnd.ids[i]] for i in subset]
             for seed in seeds:
                 config = {**resolved.data, "seed": seed} if recipe else resolved.data
@@ -826,14 +941,14 @@ class _Session:
                     code=resolved.code,
                     provenance=resolved.provenance,
                 )
-                self.points.setdefault(run.key, DesignRun(run.key, subset, seed, number))
+                self.points.setdefault(run.key, DesignRun(run.key, subset, seed, number, rung, lr))
                 self._resolved[run.key] = resolved
                 self._set_aside_stale(blind, seed, run.key, resolved)
                 keys.append(run.key)
         runs = self._runs(keys)
         todo = [k for k in dict.fromkeys(keys) if runs[k].status != "done"]
         self.say(
-            f"batch {number} ({purpose}): {len(subsets)} recipes x {len(seeds)} seeds, "
+            f"batch {number} ({purpose}{self.at}): {len(subsets)} recipes x {len(seeds)} seeds, "
             f"{len(todo)} to run, {len(set(keys)) - len(todo)} already in the store"
         )
         for subset in subsets:
@@ -847,7 +962,7 @@ class _Session:
         runs_dir = self.out / "runs"
         attempts = self.rnd.spec.runner.attempts
         with progress_bar() as bar:
-            task = bar.add_task(f"batch {len(self.batches) - 1}", total=len(keys))
+            task = bar.add_task(f"batch {self.batches[-1].number}", total=len(keys))
             while True:
                 self.store.retry_failed(attempts)
                 runs = self._runs(keys)
@@ -881,7 +996,7 @@ class _Session:
     def _set_aside_stale(self, blind: list[str], seed: int, key: str, new: Resolved) -> None:
         """Earlier runs of this round, subset and seed under another key: made by other code
         or from another config, they are not reused. Count them, with the reason."""
-        for old in self._earlier.get((tuple(sorted(blind)), seed), []):
+        for old in self._earlier.get(_earlier_key(blind, seed, new.provenance), []):
             if old.key == key or old.key in self.stale:
                 continue
             self.stale[old.key] = _stale_reason(old, new)
@@ -941,7 +1056,8 @@ class _Session:
         return True
 
     def _used_seeds(self) -> set[int]:
-        return {p.seed for p in self.points.values()} | set(self.rnd.confirm_list or [])
+        used = {p.seed for p in self.points.values()} | set(self.rnd.confirm_list or [])
+        return used | self.avoid_seeds
 
     def measured(self) -> set[Subset]:
         runs = self._runs(list(self.points))
@@ -996,7 +1112,7 @@ class _Session:
         pairs = list(dict.fromkeys(pairs))
         if not pairs:
             return
-        if self.used + self.cost(pairs, self.rnd.seeds) > self.rnd.spec.budget:
+        if self.used + self.cost(pairs, self.rnd.seeds) > self.budget:
             self.notes.append("no budget left to measure the interactions behind conflicts")
             return
         self.run_batch("interaction", pairs, self.rnd.seeds)
@@ -1039,17 +1155,26 @@ class _Session:
             }
         return summary
 
-    def _result(
-        self, views: Views, choice: Choice, chosen: Subset, conf: Confirmation, stopped: str
-    ) -> RoundResult:
+    def evidence(self, views: Views, conf: Confirmation) -> Evidence:
+        return Evidence(self, views, conf, self._runs(list(self.points)))
+
+    def _result(self, found: Searched, ladder: LadderOutcome | None = None) -> RoundResult:
+        """decision.json and what the reports draw; with a ladder, its upper rungs' verdicts
+        replace the first rung's where they were measured (ladder.py)."""
+        views, choice, chosen, conf, stopped = (
+            found.views, found.choice, found.chosen, found.conf, found.stopped,
+        )  # fmt: skip
         rnd, ids = self.rnd, self.rnd.ids
-        runs = self._runs(list(self.points))
-        ev = Evidence(self, views, conf, runs)
+        points = [*self.points.values(), *(ladder.points if ladder else [])]
+        runs = self._runs(list(dict.fromkeys(p.key for p in points)))
+        ev = self.evidence(views, conf)
         decisions = [ev.decide(i) for i in range(self.n)]
+        if ladder is not None:
+            decisions = ladder.merge(decisions)
         selected = frozenset(i for i in range(self.n) if decisions[i]["status"] == "accepted")
         ev.final = selected
         credit = ev.credit()
-        status = [runs[p.key] for p in self.points.values()]
+        status = [runs[k] for k in dict.fromkeys(p.key for p in points)]
         plan = conf.plan
         decision = {
             "round": rnd.name,
@@ -1075,7 +1200,7 @@ class _Session:
             },
             "stale": _count_reasons(self.stale),
             "code": self._code_summary(),
-            "predicted": ev.predicted(selected),
+            "predicted": ladder.predicted(selected) if ladder else ev.predicted(selected),
             "objectives": [
                 {"metric": o.name, "direction": o.direction, "weight": o.weight, "scale": o.scale}
                 for o in rnd.objectives
@@ -1097,7 +1222,7 @@ class _Session:
                 }
                 for g in rnd.guardrails
             ],
-            "guardrail_checks": ev.guardrail_checks(),
+            "guardrail_checks": ladder.guardrail_checks() if ladder else ev.guardrail_checks(),
             "confirmation": {
                 "chosen": [ids[i] for i in sorted(chosen)],
                 "final": [ids[i] for i in sorted(conf.final)],
@@ -1119,25 +1244,21 @@ class _Session:
             },
             "pareto": [[ids[i] for i in sorted(s)] for s in choice.pareto],
             "stopped": stopped,
-            "batches": [
-                {
-                    "batch": b.number,
-                    "purpose": b.purpose,
-                    "recipes": len(b.subsets),
-                    "seeds": b.seeds,
-                }
-                for b in self.batches
-            ],
+            "batches": [_batch_entry(b) for b in self.batches],
             "notes": self.notes + ev.notes,
         }
+        if ladder is not None:
+            decision["ladder"] = ladder.summary()
+            decision["notes"] += ladder.notes
+            decision["batches"] += [_batch_entry(b) for b in ladder.batches]
         return RoundResult(
             decision=decision,
             round=rnd,
             views=views,
             choice=choice,
             final=selected,
-            batches=self.batches,
-            points=list(self.points.values()),
+            batches=[*self.batches, *(ladder.batches if ladder else [])],
+            points=points,
             runs=runs,
             credit=credit,
             discoveries=ev.discoveries,
@@ -1175,6 +1296,29 @@ def _moved(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
         if old_refs.get(ref) not in (None, commit):
             parts.append(f"{ref} moved ({old_refs[ref][:7]} -> {commit[:7]})")
     return "; ".join(parts)
+
+
+def _batch_entry(b: Batch) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "batch": b.number,
+        "purpose": b.purpose,
+        "recipes": len(b.subsets),
+        "seeds": b.seeds,
+    }
+    if b.rung is not None:  # a scale ladder's batch: its rung, and the lr of a grid batch
+        entry["rung"] = b.rung
+        if b.lr is not None:
+            entry["lr"] = b.lr
+    return entry
+
+
+def _earlier_key(
+    subset: Iterable[str], seed: int, provenance: Mapping[str, Any] | None
+) -> tuple[Any, ...]:
+    """Runs that stand for the same thing: one subset (blind ids) and seed at one rung and
+    learning rate. Two of them under different keys: the older was made by other code."""
+    prov = provenance or {}
+    return (tuple(sorted(subset)), seed, prov.get("rung"), prov.get("lr"))
 
 
 def _count_reasons(stale: Mapping[str, str]) -> dict[str, int]:

@@ -16,6 +16,10 @@
     executor: {kind: local, workers: 2}     # or {kind: ray, address: "ray://head:10001"}
     store: postgresql://host/db      # optional; default: sqlite in the --out folder
     tracking: {trackers: [tensorboard, wandb]}  # optional; each run's metrics, by subset and seed
+    scales:                         # optional: a ladder of rungs, smallest first (see below)
+      - {name: s, patch: {model.depth: 2, pretrain.steps: 100}}
+      - {name: m, patch: {model.depth: 4, pretrain.steps: 200}, cost: 4, share: 0.5}
+    lr_tuning: {key: optim.lr, factors: [0.5, 1.0, 2.0], seeds: 2}   # optional, top rung
 
 The metrics are those the runner writes to `{out}/metrics.json`. The built-in runner's are
 `stacklab build`'s: `val_bpb`, `task_acc/<task>` and `agent_success/<env>` (of the recipe's
@@ -46,6 +50,15 @@ candidate beats the choice by more than `margin: 0.5` utility units with probabi
 0.1), `guardrail_prob: 0.95` and `draws: 1000` (bootstrap). Utility is in units of one
 run's noise unless objectives give a `scale`.
 
+With `scales`, the budget is in cost units (a run at a rung of cost c uses c; the first
+rung's cost defaults to 1, a larger rung's is measured from run times unless given) and
+each rung's `share` of it defaults to half for the first rung and equal parts of the rest
+for the others. The first rung runs the whole round; each larger one measures the recipe
+the rung below chose, its leave-one-outs and the close calls (ladder.py). A rung patch may
+not set a key any contribution sets. `lr_tuning` (needs two rungs or more) runs the baseline
+and the chosen recipe at `factors` x the baseline's `key` on `seeds` seeds of their own at
+the top rung, and compares each at its best value there.
+
 Everything is checked when the round is loaded (baseline, every contribution file, the
 command template), so a typo fails in a second with the key and file named, not after an
 hour of training.
@@ -58,7 +71,7 @@ import itertools
 import os
 import shlex
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,7 +92,7 @@ from stacklab.integrate.contributions import (
 from stacklab.integrate.gitrepo import GitError, Repo, check_git
 from stacklab.integrate.select import Guardrail, Objective
 from stacklab.integrate.workspace import Resolved, Workspace, WorkspaceError
-from stacklab.recipe import Recipe, TrackerName, load_recipe
+from stacklab.recipe import Recipe, TrackerName, get_dotted, load_recipe
 
 PLACEHOLDERS = ("recipe", "seed", "out", "tree")
 
@@ -182,6 +195,41 @@ class TrackingSpec(_Spec):
     )
 
 
+class ScaleSpec(_Spec):
+    """One rung of a scale ladder: a patch applied on top of the baseline and every subset."""
+
+    name: str = Field(min_length=1, max_length=40)
+    patch: dict[str, Any] = Field(min_length=1, description="dotted key of the baseline -> value")
+    cost: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="price of one run in cost units; default: 1 for the first rung, measured "
+        "from run times for the others",
+    )  # fmt: skip
+    share: float | None = Field(
+        None, gt=0, le=1, description="fraction of the budget; default: half for the first "
+        "rung, equal parts of the rest for the others",
+    )  # fmt: skip
+
+
+class LrTuningSpec(_Spec):
+    """At the top rung, the baseline and the chosen recipe each at its best learning rate."""
+
+    key: str = Field(min_length=1, description="the learning rate's dotted key")
+    factors: list[float] = Field(
+        min_length=2, description="multiples of the baseline's value at the top rung"
+    )
+    seeds: int = Field(2, ge=1, description="seeds of the grid (never used for a verdict)")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, value: list[float]) -> list[float]:
+        if any(not (f > 0 and f < float("inf")) for f in value):
+            raise ValueError("factors must be positive numbers")
+        if len(set(value)) != len(value):
+            raise ValueError(f"factors repeat: {value}")
+        return value
+
+
 RunnerSpec = Annotated[BuiltinRunner | ExternalRunner, Field(discriminator="kind")]
 ExecutorSpec = Annotated[LocalExecutor | RayExecutor, Field(discriminator="kind")]
 
@@ -224,6 +272,12 @@ class RoundSpec(_Spec):
     tracking: TrackingSpec | None = Field(
         None, description="log each finished run to trackers; default: the store only"
     )
+    scales: list[ScaleSpec] | None = Field(
+        None, min_length=1, description="rungs of a scale ladder, smallest first"
+    )
+    lr_tuning: LrTuningSpec | None = Field(
+        None, description="compare the baseline and the chosen recipe at their best lr"
+    )
 
     @field_validator("contributions", mode="before")
     @classmethod
@@ -260,6 +314,23 @@ class RoundSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _ladder(self) -> RoundSpec:
+        if self.scales is None:
+            if self.lr_tuning is not None:
+                raise ValueError("lr_tuning: needs scales: with two rungs or more")
+            return self
+        names = [s.name for s in self.scales]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"scales: rung name {dupes[0]!r} repeats")
+        given = sum(s.share for s in self.scales if s.share is not None)
+        if given > 1 + 1e-9:
+            raise ValueError(f"scales: the shares add up to {given:g}, more than 1")
+        if self.lr_tuning is not None and len(self.scales) < 2:
+            raise ValueError("lr_tuning: needs two rungs or more (it runs at the top rung)")
+        return self
+
+    @model_validator(mode="after")
     def _metrics(self) -> RoundSpec:
         names = [o.metric for o in self.objectives]
         dupes = sorted({m for m in names if names.count(m) > 1})
@@ -276,6 +347,17 @@ class RoundSpec(_Spec):
                     f"says {own}"
                 )
         return self
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of a round's scale ladder, as the engine uses it."""
+
+    name: str
+    patch: dict[str, Any]
+    cost: float | None  # None: measured from run times when the rung starts
+    cost_source: str  # given | default | measured
+    share: float  # of the budget (what a rung leaves unspent passes to the next)
 
 
 @dataclass(frozen=True)
@@ -298,6 +380,7 @@ class Round:
     confirm_count: int  # confirmation seeds, when given as a count
     confirm_list: list[int] | None  # confirmation seeds, when given as a list
     workers: int
+    rungs: list[Rung] = field(default_factory=list)  # a scale ladder, smallest first; or none
 
     @property
     def ids(self) -> list[str]:
@@ -372,6 +455,7 @@ def load_round(path: str | Path, work: Path | None = None) -> Round:
     exclusive |= _code_conflicts(workspace, contribs)
     groups = components(range(len(contribs)), [tuple(sorted(p)) for p in exclusive])
     _check_distinct(workspace, contribs, exclusive)
+    rungs = _rungs(spec, workspace, contribs, file)
 
     directions = {o.metric: o.direction for o in spec.objectives}
     objectives = [Objective(o.metric, o.direction, o.weight, o.scale) for o in spec.objectives]
@@ -403,7 +487,67 @@ def load_round(path: str | Path, work: Path | None = None) -> Round:
         confirm_count=confirm if isinstance(confirm, int) else len(confirm),
         confirm_list=None if isinstance(confirm, int) else list(confirm),
         workers=workers,
+        rungs=rungs,
     )
+
+
+def _rungs(
+    spec: RoundSpec, workspace: Workspace, contribs: list[Contribution], file: Path
+) -> list[Rung]:
+    """The ladder's rungs, checked: every rung patch applies to the baseline, sets no key a
+    contribution sets (it would overwrite the contribution at that rung), and the lr key of
+    `lr_tuning` is a positive number at the top rung."""
+    if spec.scales is None:
+        return []
+    given = sum(s.share for s in spec.scales if s.share is not None)
+    free = [k for k, s in enumerate(spec.scales) if s.share is None]
+    shares = [s.share for s in spec.scales]
+    if free and free[0] == 0 and len(spec.scales) > 1:
+        shares[0] = min(0.5, 1.0 - given)
+        free = free[1:]
+        given += shares[0]
+    for k in free:
+        shares[k] = max(0.0, 1.0 - given) / len(free)
+    rungs = []
+    for k, s in enumerate(spec.scales):
+        where = f"{file}: scales[{k}] ({s.name})"
+        for c in contribs:
+            clash = [
+                (a, b)
+                for a in s.patch
+                for b in c.patch
+                if a == b or a.startswith(b + ".") or b.startswith(a + ".")
+            ]
+            if clash:
+                a, b = clash[0]
+                raise RoundError(
+                    f"{where}: patch key {a!r} overlaps {b!r}, which {c.source} sets; a rung "
+                    "would overwrite the contribution: change the rung or the contribution"
+                )
+        try:
+            resolved = workspace.resolve(frozenset(), s.patch, {"rung": s.name})
+        except WorkspaceError as exc:
+            raise RoundError(f"{where}: patch: {exc.detail}") from None
+        if shares[k] is None or shares[k] <= 0:  # type: ignore[operator]
+            raise RoundError(f"{where}: no share of the budget is left for this rung")
+        cost, source = s.cost, "given"
+        if cost is None:
+            cost, source = (1.0, "default") if k == 0 else (None, "measured")
+        rungs.append(Rung(s.name, dict(s.patch), cost, source, float(shares[k])))  # type: ignore[arg-type]
+        if spec.lr_tuning is not None and k == len(spec.scales) - 1:
+            key = spec.lr_tuning.key
+            try:
+                value = get_dotted(resolved.data, key)
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise RoundError(
+                    f"{file}: lr_tuning.key: {key!r} is not a key of the baseline at rung {s.name}"
+                ) from None
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise RoundError(
+                    f"{file}: lr_tuning.key: {key} is {value!r} at rung {s.name}; it must be a "
+                    "positive number"
+                )
+    return rungs
 
 
 def _check_distinct(

@@ -19,7 +19,7 @@ Trees are exported once each, under `<work>/trees/<tree hash>/`, and runs execut
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,27 @@ class Workspace:
     baseline_path: str | None = None  # the baseline's path inside the repository
     changes: dict[int, Change] = field(default_factory=dict)  # contribution index -> change
     work: Path | None = None  # where trees are exported (the round's --out)
-    _resolved: dict[Subset, Resolved] = field(default_factory=dict, repr=False)
+    _resolved: dict[tuple[Subset, str], Resolved] = field(default_factory=dict, repr=False)
     _fingerprint: Provenance | None = field(default=None, repr=False)
     _baselines: dict[str, Baseline] = field(default_factory=dict, repr=False)
 
-    def resolve(self, subset: Subset) -> Resolved:
+    def resolve(
+        self,
+        subset: Subset,
+        extra: Mapping[str, Any] | None = None,
+        tag: Mapping[str, Any] | None = None,
+    ) -> Resolved:
         """The config and code of the baseline with `subset` applied (WorkspaceError if a
-        merge conflicts or the patches do not apply)."""
-        if subset not in self._resolved:
-            self._resolved[subset] = self._resolve(subset)
-        return self._resolved[subset]
+        merge conflicts or the patches do not apply).
+
+        `extra` is a patch applied after the members' (a scale rung's, with a tuned learning
+        rate); `tag` says which rung (and learning rate) in the provenance, so runs of one
+        subset and seed at two rungs are told apart. Without them: the plain subset.
+        """
+        memo = (subset, canonical_hash([dict(extra or {}), dict(tag or {})]))
+        if memo not in self._resolved:
+            self._resolved[memo] = self._resolve(subset, extra, tag)
+        return self._resolved[memo]
 
     def tree_of(self, subset: Subset) -> str | None:
         """The merged tree of the subset's code changes (no config work), or None without git."""
@@ -88,7 +99,9 @@ class Workspace:
         members = [self.changes[i] for i in sorted(subset) if i in self.changes]
         return self.repo.merge(self.base, members) if members else self.repo.tree(self.base)
 
-    def _resolve(self, subset: Subset) -> Resolved:
+    def _resolve(
+        self, subset: Subset, extra: Mapping[str, Any] | None, tag: Mapping[str, Any] | None
+    ) -> Resolved:
         members = sorted(subset)  # the round's order
         names = " + ".join(self.contributions[i].id for i in members) or "the baseline"
         tree = None
@@ -111,6 +124,10 @@ class Workspace:
             provenance = {"kind": kind, "files": dict(fp.files), "covers": fp.describe()}
             code = fp.code
         patches = [self.contributions[i].patch for i in members if self.contributions[i].patch]
+        if extra:
+            patches.append(dict(extra))
+        if tag:
+            provenance = {**provenance, **tag}
         try:
             data, text = baseline.apply(patches)
         except StacklabError as exc:
