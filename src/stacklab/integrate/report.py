@@ -214,6 +214,7 @@ def markdown(result: RoundResult) -> str:
         lines.append(
             f"| `{row['id']}` | {row['area']} | {_status(row)} | {_md_cell(row['reason'])} |"
         )
+    lines += _ladder_md(d)
     if d["credit_table"]:
         metrics = [m for m in d["credit_table"][0] if m not in ("id", "author", "status")]
         lines += [
@@ -297,6 +298,7 @@ def html_page(result: RoundResult) -> str:
         "<h2>Decisions</h2>",
         f"<p class='small'>{e(_rules(d))}</p>",
         _decision_table(d),
+        _ladder_section(d),
         "<h2>Noise floor and power</h2>",
         _power_section(d),
         "<h2>Guardrails on the final recipe</h2>",
@@ -670,6 +672,410 @@ def _forest(
             f"{label}</text>"
         )
     out.append("</svg>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- scale ladder
+#
+# With `scales:` a round measures its choice again on larger rungs (docs/integrate.md, "a
+# ladder of rungs"). decision.json then has a round-level `ladder` and, per decision, `rung`
+# and `transfer`; without a ladder none of this is drawn and the report is unchanged.
+
+_VERDICT_COLOR = {"accept": _GOOD, "harm": _BAD}
+_DASH = "\u2014"
+
+
+def _signed(value: float | None) -> str:
+    """One signed number (a mean utility), or n/a."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{0.0 if value == 0 else value:+.3g}"
+
+
+def _plain(value: Any) -> str:
+    """A setting's value as written (a learning rate: 0.003), or n/a."""
+    return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _patch_words(patch: dict[str, Any] | None) -> str:
+    """A rung's patch as `model.depth=2, pretrain.steps=100`."""
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in (patch or {}).items()) or "no patch"
+
+
+def _rung_names(d: dict[str, Any]) -> list[str]:
+    """Rung names, smallest first: the ladder's, then any a transfer names that it lacks."""
+    names = [str(r["name"]) for r in (d.get("ladder") or {}).get("rungs") or []]
+    for row in d.get("decisions") or []:
+        for m in (row.get("transfer") or {}).get("rungs") or []:
+            if str(m["rung"]) not in names:
+                names.append(str(m["rung"]))
+    return names
+
+
+def _units_used(rung: dict[str, Any]) -> float | None:
+    """Cost units a rung spent: its own figure, else runs x cost (a run costs `cost` units)."""
+    if rung.get("units_used") is not None:
+        return float(rung["units_used"])
+    runs, cost = rung.get("runs"), rung.get("cost")
+    return None if runs is None or cost is None else float(runs) * float(cost)
+
+
+def _budget_words(ladder: dict[str, Any]) -> str:
+    return (
+        f"{_num(ladder.get('units_used'))} of {_num(ladder.get('budget_units'))} cost units "
+        "used (a run at a rung of cost c uses c units; what a rung leaves unspent passes to "
+        "the next)"
+    )
+
+
+def _rung_words(rung: dict[str, Any]) -> str:
+    """One rung in a line: cost, budget, runs, noise, what it chose."""
+    words = [
+        f"cost {_num(rung.get('cost'))} per run ({rung.get('cost_source') or 'n/a'})",
+        f"share {_pct(rung.get('share'))}",
+        f"{_num(rung.get('budget_units'))} units budgeted ({rung.get('budget_runs', 'n/a')} runs)",
+        f"{rung.get('runs', 'n/a')} runs used {_num(_units_used(rung))} units",
+        f"utility noise {_num(rung.get('noise_floor'))} per run",
+        f"chose {_names(rung.get('chosen') or [])}",
+        f"final {_names(rung.get('final') or [])}",
+    ]
+    if rung.get("close_calls"):
+        words.append(f"close calls measured: {', '.join(rung['close_calls'])}")
+    if rung.get("out_of_budget"):
+        words.append("ran out of budget")
+    return "; ".join(words)
+
+
+def _agreement_words(a: dict[str, Any]) -> str:
+    """`Kendall's tau between s and m over 6 recipes: ...; 3 of 4 verdicts at s confirmed`."""
+    low, high = a.get("from", "?"), a.get("to", "?")
+    text = (
+        f"Kendall's tau between {low} and {high} over {a.get('subsets', 'n/a')} recipes: "
+        f"{_fmt(a.get('kendall_tau') or [None] * 3)}"
+    )
+    compared = a.get("verdicts_compared") or 0
+    if compared:
+        return f"{text}; {a.get('verdicts_confirmed', 0)} of {compared} verdicts at {low} " + (
+            f"confirmed at {high}"
+        )
+    return f"{text}; no verdict at {low} to check at {high}"
+
+
+def _lr_sides(lr: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(who, tuning) for the baseline and the chosen recipe."""
+    recipe = f"the chosen recipe ({_names(lr.get('recipe') or [])})"
+    return [("the baseline", lr.get("baseline") or {}), (recipe, lr.get("final") or {})]
+
+
+def _lr_head(lr: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, lr.get("seeds") or [])) or "n/a"
+    return (
+        f"{lr.get('key', 'n/a')} tuned at rung {lr.get('rung', 'n/a')} over "
+        f"{', '.join(_plain(v) for v in lr.get('values') or []) or 'n/a'}, on seeds {seeds} "
+        "of its own (used for no verdict). The comparisons there run the baseline at its best "
+        f"value, {_plain((lr.get('baseline') or {}).get('best'))}, and every other recipe at "
+        f"the chosen recipe's, {_plain((lr.get('final') or {}).get('best'))}."
+    )
+
+
+def _transfer_cell(m: dict[str, Any]) -> str:
+    """A contribution's comparison at one rung, in words: interval, verdict, kind."""
+    verdict = str(m.get("verdict", ""))
+    return (
+        f"{_fmt(m.get('utility') or [None] * 3)} {_VERDICT_WORDS.get(verdict, verdict)} "
+        f"({m.get('comparison', '?')}, {len(m.get('seeds') or [])} seeds)"
+    )
+
+
+def _pattern_words(transfer: dict[str, Any]) -> str:
+    """`flips (sign changed)`: the pattern, with the changes behind it."""
+    changed = [
+        words
+        for key, words in (
+            ("sign_changed", "sign changed"),
+            ("significance_changed", "significance changed"),
+        )
+        if transfer.get(key)
+    ]
+    pattern = str(transfer.get("pattern") or "")
+    return f"{pattern} ({', '.join(changed)})" if changed else pattern
+
+
+def _decided_at(row: dict[str, Any]) -> str:
+    return _status(row) + (f" at {row['rung']}" if row.get("rung") else "")
+
+
+def _ladder_md(d: dict[str, Any]) -> list[str]:
+    """report.md's "Scale ladder" section; nothing without a ladder."""
+    ladder = d.get("ladder")
+    if not ladder:
+        return []
+    names = _rung_names(d)
+    lines = [
+        "",
+        "### Scale ladder",
+        "",
+        f"**Budget:** {_budget_words(ladder)}.",
+        "",
+        *(
+            f"- **{r['name']}** (`{_md_cell(_patch_words(r.get('patch')))}`): "
+            f"{_md_cell(_rung_words(r))}"
+            for r in ladder.get("rungs") or []
+        ),
+        "",
+    ]
+    for a in ladder.get("agreement") or []:
+        lines += [f"**Agreement:** {_agreement_words(a)}.", ""]
+    lr = ladder.get("lr_tuning")
+    if lr:
+        lines += [f"**Learning rate:** {_md_cell(_lr_head(lr))}", ""]
+        for who, side in _lr_sides(lr):
+            curve = ", ".join(f"{_plain(v)}: {_signed(u)}" for v, u in side.get("utility") or [])
+            lines.append(
+                f"- {_md_cell(who)}: best {_plain(side.get('best'))} (mean utility {curve})"
+            )
+        lines.append("")
+    lines += [
+        "Utility at each rung (interval, verdict, comparison and seeds):",
+        "",
+        "| contribution | decision | " + " | ".join(names) + " | pattern |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for row in d["decisions"]:
+        transfer = row.get("transfer") or {}
+        at = {str(m["rung"]): m for m in transfer.get("rungs") or []}
+        cells = " | ".join(_transfer_cell(at[n]) if n in at else _DASH for n in names)
+        lines.append(
+            f"| `{row['id']}` | {_decided_at(row)} | {cells} | {_pattern_words(transfer)} |"
+        )
+    return lines
+
+
+def _ladder_section(d: dict[str, Any]) -> str:
+    """report.html's "Scale ladder" section; "" without a ladder."""
+    ladder = d.get("ladder")
+    if not ladder:
+        return ""
+    e = html.escape
+    names = _rung_names(d)
+    rungs = "".join(
+        f"<tr><td><b>{e(str(r['name']))}</b></td><td><code>{e(_patch_words(r.get('patch')))}"
+        f"</code></td><td class='num'>{_num(r.get('cost'))} "
+        f"<span class='muted small'>{e(str(r.get('cost_source') or 'n/a'))}</span></td>"
+        f"<td class='num'>{_pct(r.get('share'))}</td>"
+        f"<td class='num'>{_num(r.get('budget_units'))} ({e(str(r.get('budget_runs', 'n/a')))} "
+        f"runs)</td><td class='num'>{_num(_units_used(r))} ({e(str(r.get('runs', 'n/a')))} "
+        f"runs){' <b>out of budget</b>' if r.get('out_of_budget') else ''}</td>"
+        f"<td class='num'>{_num(r.get('noise_floor'))}</td>"
+        f"<td>{e(_names(r.get('chosen') or []))}</td><td>{e(_names(r.get('final') or []))}</td>"
+        f"<td>{e(', '.join(r.get('close_calls') or []) or _DASH)}</td></tr>"
+        for r in ladder.get("rungs") or []
+    )
+    parts = [
+        "<h2>Scale ladder</h2>",
+        "<p class='muted small'>The first rung runs the round; each larger rung measures, on "
+        "seeds of its own, the recipe the rung below chose, each member's leave-one-out and "
+        "the close calls, in the same utility units. A contribution's verdict comes from the "
+        "largest rung at which it was measured.</p>",
+        f"<p>Budget: {e(_budget_words(ladder))}.</p>",
+        "<table><tr><th>rung</th><th>patch</th><th>cost per run</th><th>share</th>"
+        "<th>budgeted units</th><th>used units</th><th>utility noise per run</th>"
+        f"<th>chose</th><th>final</th><th>close calls measured</th></tr>{rungs}</table>",
+        *(f"<p>{e(_agreement_words(a))}.</p>" for a in ladder.get("agreement") or []),
+        _lr_table(ladder.get("lr_tuning")),
+        _transfer_table(d, names),
+        _ladder_svg(d),
+    ]
+    return "".join(parts)
+
+
+def _lr_table(lr: dict[str, Any] | None) -> str:
+    """Mean utility at each learning rate tried, for the baseline and the chosen recipe."""
+    if not lr:
+        return ""
+    e = html.escape
+    sides = _lr_sides(lr)
+    curves = [{v: u for v, u in side.get("utility") or []} for _, side in sides]
+    values = list(dict.fromkeys([*(lr.get("values") or []), *(v for c in curves for v in c)]))
+    rows = []
+    for v in values:
+        cells = "".join(
+            f"<td class='num'>{'<b>' if v == side.get('best') else ''}"
+            f"{_signed(curve.get(v))}{'</b>' if v == side.get('best') else ''}</td>"
+            for (_, side), curve in zip(sides, curves, strict=True)
+        )
+        rows.append(f"<tr><td class='num'>{e(_plain(v))}</td>{cells}</tr>")
+    head = "".join(f"<th>{e(who)}: mean utility</th>" for who, _ in sides)
+    return (
+        f"<p>Learning rate: {e(_lr_head(lr))}</p><table style='width:auto'><tr>"
+        f"<th>{e(str(lr.get('key', 'value')))}</th>{head}</tr>{''.join(rows)}</table>"
+        "<p class='muted small'>Bold: each one's best value.</p>"
+    )
+
+
+def _transfer_table(d: dict[str, Any], names: Sequence[str]) -> str:
+    """Contribution x rung: the utility interval and verdict where measured, and the pattern."""
+    e = html.escape
+    rows = []
+    for row in d["decisions"]:
+        transfer = row.get("transfer") or {}
+        at = {str(m["rung"]): m for m in transfer.get("rungs") or []}
+        cells = []
+        for n in names:
+            m = at.get(n)
+            if m is None:
+                cells.append("<td class='muted'>&mdash;</td>")
+                continue
+            verdict = str(m.get("verdict", ""))
+            cells.append(
+                f"<td class='num' title='{e(_comparison_words(m))}'>"
+                f"{_fmt(m.get('utility') or [None] * 3)}<br>"
+                f"<span style='color:{_VERDICT_COLOR.get(verdict, _NEUTRAL)}'>"
+                f"{e(_VERDICT_WORDS.get(verdict, verdict))}</span><br>"
+                f"<span class='muted small'>{e(str(m.get('comparison', '?')))}, "
+                f"{len(m.get('seeds') or [])} seeds, {_pct(m.get('level'))}</span></td>"
+            )
+        rows.append(
+            f"<tr><td><code>{e(row['id'])}</code></td>"
+            f"<td class='{e(row['status'])}'>{e(_decided_at(row))}</td>{''.join(cells)}"
+            f"<td>{e(_pattern_words(transfer))}</td></tr>"
+        )
+    head = "".join(f"<th>{e(n)}: utility</th>" for n in names)
+    return (
+        "<table><tr><th>contribution</th><th>decision</th>"
+        f"{head}<th>pattern</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _ladder_svg(d: dict[str, Any]) -> str:
+    """Small multiples: each measured contribution's utility effect against the rungs.
+
+    One panel per contribution, all on one utility axis (effects at every rung are in the
+    same units). Dots: the estimate, coloured by that rung's verdict (hollow: not settled);
+    bars: the interval, an arrow where an end is unbounded (null); a bold rung name: the rung
+    the verdict was drawn at.
+    """
+    e = html.escape
+    names = _rung_names(d)
+    panels = [
+        (row, {str(m["rung"]): m for m in (row.get("transfer") or {}).get("rungs") or []})
+        for row in d["decisions"]
+    ]
+    panels = [(row, at) for row, at in panels if at]
+    if not panels or not names:
+        return ""
+
+    def number(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    values = [number(v) for _, at in panels for m in at.values() for v in m.get("utility") or []]
+    top, bottom = 40, 150
+    y = _Scale(values, bottom, top)
+    ticks = y.ticks(lambda label: 14.0)  # stacked: one line of text apart
+    left = int(14 + max(_text_px(label, 10) for _, label in ticks))
+    slot = int(min(max(44.0, max(_text_px(n) for n in names) + 10), 90.0))
+    # Wide enough for the pattern line (`fades (significance changed)`) as well.
+    panel_w = max(left + slot * len(names) + 10, 200)
+    slot = (panel_w - left - 10) // len(names)
+    panel_h, gap = bottom + 24, 8
+    cols = max(1, min(len(panels), 1060 // (panel_w + gap)))
+    width = cols * (panel_w + gap)
+    height = math.ceil(len(panels) / cols) * (panel_h + gap)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="utility effect of each contribution against the rungs">'
+    ]
+    for k, (row, at) in enumerate(panels):
+        ox, oy = (panel_w + gap) * (k % cols), (panel_h + gap) * (k // cols)
+        transfer = row.get("transfer") or {}
+        out += [
+            f'<g transform="translate({ox},{oy})">',
+            f'<rect x="0.5" y="0.5" width="{panel_w - 1}" height="{panel_h - 1}" fill="none" '
+            'stroke="#d0d7de"/>',
+            f'<text x="6" y="15" font-weight="600">{e(_fit(row["id"], panel_w - 12))}</text>',
+            f'<text x="6" y="29" font-size="10" fill="#656d76">'
+            f"{e(_fit(_pattern_words(transfer), panel_w - 12, 10))}</text>",
+            f'<line x1="{left}" y1="{y(0):.1f}" x2="{panel_w - 6}" y2="{y(0):.1f}" '
+            f'stroke="{_NEUTRAL}" stroke-dasharray="3,3"/>',
+            *(
+                f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="10" '
+                f'fill="#656d76">{e(label)}</text>'
+                for v, label in ticks
+            ),
+        ]
+        xs = {n: left + slot * j + slot / 2 for j, n in enumerate(names)}
+        for n, cx in xs.items():
+            bold = ' font-weight="600"' if n == row.get("rung") else ""
+            out.append(
+                f'<text x="{cx:.1f}" y="{bottom + 16}" text-anchor="middle"{bold}>'
+                f"{e(_fit(n, slot - 4))}</text>"
+            )
+        trail = [
+            f"{xs[n]:.1f},{y(number(at[n]['utility'][0])):.1f}"
+            for n in names
+            if n in at and math.isfinite(number((at[n].get("utility") or [None])[0]))
+        ]
+        if len(trail) > 1:
+            out.append(
+                f'<polyline points="{" ".join(trail)}" fill="none" stroke="{_NEUTRAL}" '
+                'stroke-width="1"/>'
+            )
+        for n, m in at.items():
+            out.append(_ladder_mark(row["id"], n, m, xs[n], y, top, bottom))
+        out.append("</g>")
+    out.append("</svg>")
+    legend = (
+        "<p class='muted small'>Utility effect of each contribution at each rung it was "
+        "measured at, with its interval: green, gain shown; red, loss shown; grey, neither "
+        "(hollow: not settled); an arrow, an unbounded end. Bold rung: where the verdict was "
+        "drawn. Hover for the comparison.</p>"
+    )
+    return "".join(out) + legend
+
+
+def _ladder_mark(
+    cid: str, rung: str, m: dict[str, Any], cx: float, y: _Scale, top: float, bottom: float
+) -> str:
+    """One rung's interval bar and estimate dot, with the comparison as the group's tooltip.
+
+    A null (or non-finite) end runs the bar to the plot's edge and ends it in an arrow.
+    """
+    e = html.escape
+    utility = [*(m.get("utility") or []), None, None, None][:3]
+    est, lo, hi = (math.nan if v is None or not math.isfinite(v) else float(v) for v in utility)
+    verdict = str(m.get("verdict", ""))
+    c = _VERDICT_COLOR.get(verdict, _NEUTRAL)
+    tip = (
+        f"{cid} at {rung}: {_comparison_words(m)}; utility {_fmt(utility)}, "
+        f"{_VERDICT_WORDS.get(verdict, verdict)}, {len(m.get('seeds') or [])} seeds, "
+        f"{_pct(m.get('level'))}"
+    )
+    out = [f"<g><title>{e(tip)}</title>"]
+    if not any(math.isfinite(v) for v in (est, lo, hi)):
+        out.append(
+            f'<text x="{cx:.1f}" y="{y(0) - 6:.1f}" text-anchor="middle" fill="{_NEUTRAL}">'
+            "n/a</text></g>"
+        )
+        return "".join(out)
+    y_lo = y(lo) if math.isfinite(lo) else bottom
+    y_hi = y(hi) if math.isfinite(hi) else top
+    out += [
+        f'<line x1="{cx:.1f}" y1="{y_lo:.1f}" x2="{cx:.1f}" y2="{y_hi:.1f}" stroke="{c}" '
+        'stroke-width="2"/>'
+    ]
+    for end, tip_y, back in ((lo, bottom, -7), (hi, top, 7)):
+        if not math.isfinite(end):
+            out.append(
+                f'<polygon points="{cx - 4:.1f},{tip_y + back:.1f} {cx + 4:.1f},'
+                f'{tip_y + back:.1f} {cx:.1f},{tip_y:.1f}" fill="{c}" class="unbounded"/>'
+            )
+    if math.isfinite(est):
+        fill = "white" if verdict == "open" else c
+        out.append(
+            f'<circle cx="{cx:.1f}" cy="{y(est):.1f}" r="4.5" fill="{fill}" stroke="{c}" '
+            'stroke-width="2"/>'
+        )
+    out.append("</g>")
     return "".join(out)
 
 
