@@ -254,6 +254,7 @@ class _Session:
         # "alone" evidence), the close calls to add to the recipe, and the first block's seeds.
         self.first: _Session | None = None
         self.close: list[int] | None = None
+        self.later: list[int] = []  # measured added to the recipe if the budget allows
         self.first_block: list[int] | None = None
         self.points: dict[str, DesignRun] = {}
         self.batches: list[Batch] = []
@@ -289,9 +290,11 @@ class _Session:
         screen = screening_design(self.n, rnd.groups)
         need = len(screen) * len(rnd.seeds) + 3 * rnd.confirm_count
         if self.budget < need:
-            what = f"rung {self.rung.name}'s share of the budget" if self.rung else "budget"
+            what = f"budget {self.budget}"
+            if self.rung is not None:
+                what = f"rung {self.rung.name}'s share of the budget ({self.budget} runs)"
             raise RoundError(
-                f"{rnd.file}: {what} ({self.budget} runs) is below what screening "
+                f"{rnd.file}: {what} is below what screening "
                 f"({len(screen)} recipes x {len(rnd.seeds)} seeds) and the smallest look of "
                 f"the confirmation (3 recipes x {rnd.confirm_count} seeds) need: {need}"
             )
@@ -463,11 +466,14 @@ class _Session:
         self.noise_floor = dict(first.noise_floor)
         self.power = dict(first.power)
 
-    def confirm_upper(self, chosen: Subset, close: Sequence[int]) -> Confirmation:
+    def confirm_upper(
+        self, chosen: Subset, close: Sequence[int], later: Sequence[int] = ()
+    ) -> Confirmation:
         """A larger rung: the recipe the rung below chose against the baseline, each member's
-        leave-one-out and each close call added, in sequential looks as at the first rung."""
+        leave-one-out and each close call added, in sequential looks as at the first rung;
+        then, with runs left, `later` added one at a time (see _second_tier)."""
         assert self.first is not None
-        self.close = list(close)
+        self.close, self.later = list(close), list(later)
         return self._confirm(chosen, {})
 
     def _grouped_with(self, j: int, final: Subset) -> bool:
@@ -595,9 +601,19 @@ class _Session:
         or two noise sds more often than not. And each choice-group member left out for a
         rival in the final recipe: swapped in for it, since the model may have picked the
         weaker of two alternatives. Best first, as many as the budget can pay for whole.
+
+        At a larger rung of a ladder: the contributions the rung below shelved without
+        showing them to hurt (`later`, in the ladder's order), since a gain that only a larger
+        model shows looks like no gain at the smaller one however many seeds measured it.
         """
-        if self.close is not None:  # a larger rung measures only what the rung below sent up
-            return [], []
+        if self.close is not None:
+            ranked = [
+                (j, 0)
+                for j in self.later
+                if j not in final and j not in measured and j not in conf.tested
+                and not self._grouped_with(j, final)
+            ]  # fmt: skip
+            return self._affordable(conf, final, ranked)
         left, swaps = [], []
         for j in range(self.n):
             if j in final or j in measured or j in conf.tested:
@@ -617,11 +633,17 @@ class _Session:
             ):
                 continue
             left.append(j)
+        ranked = [(j, 1) for j in swaps] + [(j, 0) for j in left]
+        ranked.sort(key=lambda x: (-self.alone(x[0]).interval.estimate, x[0]))  # type: ignore[union-attr]
+        return self._affordable(conf, final, ranked)
+
+    def _affordable(
+        self, conf: Confirmation, final: Subset, ranked: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[int]]:
+        """The first of `ranked` (j, is a swap) whose whole look sequences the budget pays."""
         block = self._block(conf, 1)
         chosen: list[Subset] = []
         picked: tuple[list[int], list[int]] = ([], [])
-        ranked = [(j, 1) for j in swaps] + [(j, 0) for j in left]
-        ranked.sort(key=lambda x: (-self.alone(x[0]).interval.estimate, x[0]))  # type: ignore[union-attr]
         for j, is_swap in ranked:
             recipe = self._swap(final, j) if is_swap else final | {j}
             # a whole look sequence for it: the first look and, at worst, every later one

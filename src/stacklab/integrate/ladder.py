@@ -74,6 +74,18 @@ class RungOutcome:
         return self.session.used
 
     @property
+    def kept(self) -> Subset:
+        """The members of the rung's final recipe it did not shelve (accepted or undecided):
+        the recipe the next rung starts from."""
+        if self.conf is None:
+            return self.chosen
+        return frozenset(
+            i
+            for i in self.conf.final
+            if self.decisions.get(i, {}).get("status") in ("accepted", "undecided")
+        )
+
+    @property
     def spent(self) -> float:
         return self.runs * self.cost
 
@@ -219,7 +231,7 @@ class LadderOutcome:
                     "units_used": r.spent,
                     "noise_floor": finite([noise])[0],
                     "chosen": [ids[i] for i in sorted(r.chosen)],
-                    "final": [ids[i] for i in sorted(r.conf.final)] if r.conf else [],
+                    "final": [ids[i] for i in sorted(r.kept)] if r.conf else [],
                     "close_calls": [ids[i] for i in r.close],
                     "out_of_budget": bool(r.conf.out_of_budget) if r.conf else True,
                     "note": r.note,
@@ -297,11 +309,11 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
     outcomes = [outcome0]
     ladder = LadderOutcome(s0, found, outcomes)
     latest = dict(outcome0.decisions)  # contribution -> its decision at the largest rung so far
-    carried = found.conf.final
+    carried = outcome0.kept
     for k in range(1, len(rungs)):
         below = outcomes[-1]
         units = rungs[k].share * budget + max(0.0, below.units - below.spent)
-        close = close_calls(below, latest, carried)
+        close, later = close_calls(below, latest, carried)
         batch = sum(len(r.session.batches) for r in outcomes)
         avoid = {p.seed for r in outcomes for p in r.session.points.values()}
         avoid |= {s for r in outcomes if r.conf for b in r.conf.blocks for s in b}
@@ -324,6 +336,7 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
         out.same = _same_here(session, carried)
         chosen = carried - set(out.same)
         close = [j for j in close if not _identical(session, chosen | {j}, chosen)]
+        later = [j for j in later if not _identical(session, chosen | {j}, chosen)]
         out.close = close
         say(
             f"[bold]rung {rungs[k].name}[/]: {session.names(chosen)} and its leave-one-outs"
@@ -334,13 +347,13 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
             out.note = "the budget left at this rung pays for no comparison"
             ladder.notes.append(f"rung {rungs[k].name}: {out.note}")
             continue
-        out.conf = session.confirm_upper(chosen, close)
+        out.conf = session.confirm_upper(chosen, close, later)
         out.evidence = session.evidence(found.views, out.conf)
         out.decisions = {i: out.evidence.decide(i) for i in out.conf.tested}
         out.decisions |= {i: {**latest[i]} for i in out.same}
         for i in out.decisions:
             latest[i] = out.decisions[i]
-        carried = out.conf.final
+        carried = out.kept
         ladder.notes += [f"rung {rungs[k].name}: {n}" for n in session.notes]
         session.notes = []
     return s0._result(found, ladder)
@@ -348,14 +361,19 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
 
 def close_calls(
     below: RungOutcome, decisions: dict[int, dict[str, Any]], final: Subset
-) -> list[int]:
-    """Contributions the rung below left out without ruling out a gain of min_effect: not
-    in its recipe, not a rival of a member, not failed, shelved for a guardrail or shown to
-    hurt, and the upper end of their latest interval at or above min_effect (undecided ones
-    always). Best estimate first."""
+) -> tuple[list[int], list[int]]:
+    """What the next rung adds to the recipe: (close calls, later).
+
+    Close calls: contributions the rung below left out without ruling out a gain of
+    min_effect (undecided, or the upper end of their latest interval at or above it),
+    measured first. Later: the rest of those it shelved without showing them to hurt, when
+    the budget allows (a gain only the larger model shows is "no gain" at the smaller one,
+    however many seeds measured it). Neither holds a member of the recipe, a rival of one,
+    or a contribution that failed, broke a guardrail or conflicts. Best estimate first.
+    """
     s = below.session
-    rnd = s.rnd
-    out: list[tuple[float, int]] = []
+    close: list[tuple[float, int]] = []
+    later: list[tuple[float, int]] = []
     for j in range(s.n):
         d = decisions[j]
         if j in final or s._grouped_with(j, final):
@@ -366,12 +384,14 @@ def close_calls(
         if not evidence:
             continue
         est, _, high = evidence[0]["utility"]
+        if high is not None and high < 0:  # shown to hurt
+            continue
+        rank = (-(est if est is not None else 0.0), j)
         if d["status"] == "undecided" or high is None or high >= s.min_effect:
-            if high is not None and high < 0:
-                continue
-            out.append((-(est if est is not None else 0.0), j))
-    del rnd
-    return [j for _, j in sorted(out)]
+            close.append(rank)
+        else:
+            later.append(rank)
+    return [j for _, j in sorted(close)], [j for _, j in sorted(later)]
 
 
 def _tune_lr(session: _Session, chosen: Subset) -> dict[str, Any]:
@@ -510,7 +530,7 @@ def _tau_interval(
 
 
 def _state(c: Comparison) -> str:
-    return {"accept": "+", "harm": "-"}.get(c.verdict, "0")
+    return {"accept": "+", "harm": "-", "open": "?"}.get(c.verdict, "0")
 
 
 def _significant(utility: Sequence[float | None]) -> bool:
@@ -521,10 +541,13 @@ def _significant(utility: Sequence[float | None]) -> bool:
 def _pattern(states: Sequence[str]) -> str:
     """holds (same verdict at the first and the last rung measured), flips (helps at one,
     hurts at the other), fades (helps, then no gain shown), emerges (helps only at the
-    larger), changes (no gain and hurts, either way), one rung."""
+    larger), changes (no gain and hurts, either way), undecided (either end left open: no
+    claim about transfer), one rung."""
     if len(states) < 2:
         return "one rung"
     a, b = states[0], states[-1]
+    if "?" in (a, b):
+        return "undecided"
     if a == b:
         return "holds"
     if {a, b} == {"+", "-"}:
