@@ -248,3 +248,24 @@ def test_a_git_round_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None
     local, remote = decisions["local"], decisions["ray"]
     assert remote["runs"]["failed"] == 0 and remote["selected"] == ["gain", "gelu", "lr"]
     assert decision_without_paths(remote) == decision_without_paths(local)
+
+
+def test_a_ladder_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None:
+    """A round with scale rungs (given costs, so both split the budget alike)."""
+    rungs = [
+        {"name": "s", "patch": {"model.depth": 2}},
+        {"name": "m", "patch": {"model.depth": 4}, "cost": 2},
+    ]
+    decisions = {}
+    for kind, executor in [("local", {"kind": "local", "workers": 2}), ("ray", {"kind": "ray"})]:
+        round_file = write_round(
+            tmp_path / kind, small(), budget=100, seeds=2, confirm_seeds=2, executor=executor,
+            scales=rungs,
+        )  # fmt: skip
+        integrate(round_file, tmp_path / f"out-{kind}", console=Console(file=io.StringIO()))
+        decisions[kind] = json.loads((tmp_path / f"out-{kind}" / "decision.json").read_text())
+    local, remote = decisions["local"], decisions["ray"]
+    assert remote["runs"]["failed"] == 0
+    assert [r["runs"] > 0 for r in remote["ladder"]["rungs"]] == [True, True]
+    assert {d["rung"] for d in remote["decisions"]} >= {"m"}
+    assert decision_without_paths(remote) == decision_without_paths(local)
