@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stacklab.integrate.engine import integrate
 
@@ -69,3 +70,42 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     assert again["selected"] == d["selected"] and again["runs"] == d["runs"]
     after = [p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert {run.name: (run / "metrics.json").stat().st_mtime_ns for run in after} == stamps
+
+
+def test_a_ladder_of_real_builds_runs_each_rung(tmp_path: Path) -> None:
+    """The built-in runner under a scale ladder: each rung's patch reaches the builds."""
+    (tmp_path / "nano.yaml").write_text(
+        "base: demo-baseline\n"
+        "name: nano\n"
+        "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
+        "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
+        "pretrain: {steps: 3, batch_size: 2, ckpt_every: 3}\n"
+        "eval: {task_problems: 4}\n"
+    )
+    (tmp_path / "round.yaml").write_text(
+        "baseline: nano.yaml\n"
+        "contributions: [muon]\n"
+        "objectives: [{metric: val_bpb, direction: min, weight: 1.0}]\n"
+        "scales:\n"
+        "  - {name: s, patch: {model.depth: 1}, share: 0.5}\n"
+        "  - {name: m, patch: {model.depth: 2, pretrain.steps: 4}, cost: 2}\n"
+        "seeds: 2\n"
+        "confirm_seeds: 2\n"
+        "budget: 36\n"
+        "runner: {kind: builtin, cache_dir: cache, timeout_s: 300}\n"
+        "executor: {kind: local, workers: 2}\n"
+    )
+    out = tmp_path / "out"
+    d = integrate(tmp_path / "round.yaml", out).decision
+    assert d["runs"]["failed"] == 0
+    s, m = d["ladder"]["rungs"]
+    assert s["runs"] > 0 and m["runs"] > 0 and d["ladder"]["units_used"] <= 36
+    depths = set()
+    for run in (p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")):
+        metrics = json.loads((run / "metrics.json").read_text())
+        steps = metrics["pretrain/tokens"] // (2 * 256)
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        depths.add((recipe["model"]["depth"], steps))
+    assert depths == {(1, 3), (2, 4)}
+    (muon,) = d["decisions"]
+    assert muon["rung"] in ("s", "m") and muon["transfer"]["rungs"]

@@ -232,3 +232,34 @@ def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: 
     assert [b["lr"] for b in grid] == pytest.approx(tuning["values"])
     confirm_seeds = {s for b in d["batches"] if b["purpose"] == "confirmation" for s in b["seeds"]}
     assert not set(tuning["seeds"]) & confirm_seeds  # the grid's seeds judge nothing
+
+
+# --------------------------------------------------------------------------- shipped rounds
+
+
+def test_the_builtin_ladder_round_loads_with_its_rungs() -> None:
+    rnd = load_round("ladder")
+    assert [(r.name, r.cost, r.share) for r in rnd.rungs] == [("s", 1.0, 0.4), ("m", 4.0, 0.6)]
+    for rung, depth in zip(rnd.rungs, (2, 3), strict=True):
+        data = rnd.workspace.resolve(frozenset(), rung.patch, {"rung": rung.name}).data
+        assert data["model"]["depth"] == depth
+
+
+def test_the_gpu_ladder_round_loads_and_its_script_needs_cuda(tmp_path: Path) -> None:
+    import subprocess
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    rnd = load_round(root / "benchmarks" / "ladder_gpu.yaml")
+    assert [r.name for r in rnd.rungs] == ["d4", "d8", "d12"]
+    if torch.cuda.is_available():  # pragma: no cover - it would start the whole round
+        pytest.skip("a CUDA device is visible: the script would run the round")
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_ladder.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()
