@@ -182,6 +182,7 @@ class Outcome:
     runs: int
     seconds: float
     refused: str | None = None  # the engine's RoundError: the budget cannot decide anything
+    undecided: int = 0  # contributions the round left undecided (never selected)
 
     @property
     def exact(self) -> bool:
@@ -244,6 +245,7 @@ def run_mode(
         units=units_used(decision, rungs),
         runs=int((decision.get("runs") or {}).get("total", 0)),
         seconds=seconds,
+        undecided=len(decision.get("undecided") or {}),
     )
 
 
@@ -260,7 +262,7 @@ def share(hits: Sequence[bool]) -> str:
 
 def table(outcomes: Sequence[Outcome], budget: int) -> str:
     """The markdown summary: one row per mode."""
-    head = ["mode", "rounds", "refused", "verdicts right", *PATTERNS, "exact best"]
+    head = ["mode", "rounds", "refused", "verdicts right", *PATTERNS, "exact best", "undecided"]
     head += ["units", "runs", "s"]
     lines = [
         f"Budget {budget} cost units per round (s: cost 1, m: cost 4); truth: rung m.",
@@ -286,6 +288,7 @@ def table(outcomes: Sequence[Outcome], budget: int) -> str:
             share(verdicts),
             *by_pattern,
             share([o.exact for o in rows]),
+            str(sum(o.undecided for o in rows)),
             _mean([o.units for o in rows]),
             _mean([o.runs for o in rows]),
             _mean([o.seconds for o in rows]),
@@ -295,7 +298,8 @@ def table(outcomes: Sequence[Outcome], budget: int) -> str:
         "",
         "verdicts right: contributions whose final verdict (selected or not) matches the",
         "best subset at rung m; by pattern across rungs; exact best: the selected recipe is",
-        "that subset; units, runs, s: means per round (runs: distinct recipe x seed);",
+        "that subset; undecided: verdicts left open (counted wrong where the truth selects",
+        "them); units, runs, s: means per round (runs: distinct recipe x seed);",
         "refused: rounds the engine would not start (a rung's share buys too few runs),",
         "left out of the other columns.",
     ]
