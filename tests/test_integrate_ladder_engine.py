@@ -18,7 +18,7 @@ from rich.console import Console
 
 from integrate_sim.scenarios import small, write_round
 from stacklab.integrate.engine import integrate
-from stacklab.integrate.ladder import _pattern, _tau_interval
+from stacklab.integrate.ladder import _on_shared_seeds, _pattern, _tau_interval
 from stacklab.integrate.round import RoundError, load_round
 from stacklab.integrate.store import RunStore
 from test_integrate_simulation import comparable, config_and_seed, log_counts, run_engine
@@ -145,6 +145,10 @@ def test_kendall_tau_between_rungs_with_a_seed_bootstrap() -> None:
     assert est == pytest.approx(1 / 3)
     assert low is not None and high is not None and low < est <= high == 1.0
     assert _tau_interval(same[:2], same[:2]) is None  # fewer than 3 recipes: no tau
+    # Means are taken on the seeds every recipe ran: a recipe's extra seeds would rank seeds.
+    uneven = [{0: 1.0, 1: 1.0, 2: 9.0}, {0: 2.0, 1: 2.0}, {1: 3.0, 0: 3.0}]
+    assert _on_shared_seeds(uneven) == [{0: 1.0, 1: 1.0}, {0: 2.0, 1: 2.0}, {0: 3.0, 1: 3.0}]
+    assert _on_shared_seeds([{0: 1.0}, {1: 2.0}]) == []
 
 
 # --------------------------------------------------------------------------- whole rounds

@@ -254,9 +254,11 @@ class LadderOutcome:
         series_low = [low.session.series(s, _seeds(low.session), UTILITY) for s in common]
         series_up = [up.session.series(s, _seeds(up.session), UTILITY) for s in common]
         keep = [j for j in range(len(common)) if series_low[j] and series_up[j]]
-        series_low = [series_low[j] for j in keep]
-        series_up = [series_up[j] for j in keep]
-        tau = _tau_interval(series_low, series_up)
+        # Each rung's means on the seeds every kept recipe ran: seed effects are large
+        # (often larger than the effects), so means over different seeds would rank seeds.
+        series_low = _on_shared_seeds([series_low[j] for j in keep])
+        series_up = _on_shared_seeds([series_up[j] for j in keep])
+        tau = _tau_interval(series_low, series_up) if series_low and series_up else None
         compared = confirmed = 0
         for i in range(self.rnd.ids.__len__()):
             a, b = self.comparison(k - 1, i), self.comparison(k, i)
@@ -356,6 +358,10 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
         carried = out.kept
         ladder.notes += [f"rung {rungs[k].name}: {n}" for n in session.notes]
         session.notes = []
+    ladder.notes.append(
+        f"credit is drawn from the effects model of rung {rungs[0].name}, the only rung that "
+        "measures enough recipes to fit one; the verdicts come from the largest rung measured"
+    )
     return s0._result(found, ladder)
 
 
@@ -495,11 +501,22 @@ def _seeds(session: _Session) -> list[int]:
     return sorted({p.seed for p in session.points.values() if p.lr is None})
 
 
+def _on_shared_seeds(series: Sequence[dict[int, float]]) -> list[dict[int, float]]:
+    """The series cut to the seeds all of them have; [] when they share none."""
+    if not series:
+        return []
+    shared = set.intersection(*(set(s) for s in series))
+    if not shared:
+        return []
+    return [{x: s[x] for x in sorted(shared)} for s in series]
+
+
 def _tau_interval(
     low: Sequence[dict[int, float]], up: Sequence[dict[int, float]]
 ) -> list[float | None] | None:
     """Kendall's tau between the two rungs' mean utilities, with a percentile bootstrap
-    interval over each rung's seeds (resampled independently). None below 3 recipes."""
+    interval over each rung's seeds (resampled independently; every recipe of a rung on the
+    same draw, so seed effects cancel). None below 3 recipes."""
     if len(low) < 3:
         return None
 
