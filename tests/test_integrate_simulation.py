@@ -374,3 +374,27 @@ def test_budget_below_the_screening_design_is_refused(tmp_path: Path) -> None:
     round_file = write_round(tmp_path / "round", small(), budget=20)
     with pytest.raises(RoundError, match=r"budget 20 is below .* need: 39"):
         integrate(round_file, tmp_path / "out", console=quiet())
+
+
+def test_a_guardrail_that_holds_costs_no_baseline_runs_at_later_looks(tmp_path: Path) -> None:
+    """Whether a next look needs the baseline depends on the guardrails after this look.
+
+    Budget 42 leaves room after the first look for the open comparisons but not for the
+    baseline too: a round whose guardrail held at the first look must go on exactly as one
+    with no guardrail (the engine used to read the guardrails of the look before, call the
+    next look unaffordable and stop with runs unspent).
+    """
+    decisions = {}
+    for kind, guards in [
+        ("none", []),
+        ("held", [{"metric": "quality", "kind": "min_delta", "threshold": -50.0}]),
+    ]:
+        scenario = small()
+        scenario.guardrails = guards
+        round_file = write_round(tmp_path / kind, scenario, budget=42, seeds=2, confirm_seeds=2)
+        decisions[kind] = integrate(round_file, tmp_path / kind / "out", console=quiet()).decision
+    held, none = decisions["held"], decisions["none"]
+    assert held["guardrail_checks"][0]["state"] == "held"
+    assert held["runs"]["total"] == none["runs"]["total"] == 42
+    assert not held["confirmation"]["out_of_budget"]
+    assert held["selected"] == none["selected"] and held["undecided"] == none["undecided"]

@@ -701,6 +701,9 @@ class _Session:
             verdicts = {m: self._look(pairs[m], seeds, 1 - alpha, noise, last)
                         for m in evaluate}  # fmt: skip
             still = {m for m, (_, v) in verdicts.items() if v == "open"}
+            # Whether the next look needs the baseline depends on the guardrails as this look
+            # leaves them, not as the last one did.
+            guards_open = any(g.state == "open" for g in self.guard_checks(final, seeds, 1 - alpha))
             if look < plan.looks and (still or guards_open):
                 after = self._block(conf, look + 1)
                 nxt = self._look_recipes(final, pairs, still, guards_open)
