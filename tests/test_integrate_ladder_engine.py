@@ -243,7 +243,7 @@ def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: 
 
 def test_the_builtin_ladder_round_loads_with_its_rungs() -> None:
     rnd = load_round("ladder")
-    assert [(r.name, r.cost, r.share) for r in rnd.rungs] == [("s", 1.0, 0.4), ("m", 4.0, 0.6)]
+    assert [(r.name, r.cost, r.share) for r in rnd.rungs] == [("s", 1.0, 0.35), ("m", 4.0, 0.65)]
     for rung, depth in zip(rnd.rungs, (2, 3), strict=True):
         data = rnd.workspace.resolve(frozenset(), rung.patch, {"rung": rung.name}).data
         assert data["model"]["depth"] == depth

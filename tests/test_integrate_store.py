@@ -182,3 +182,28 @@ def test_claim_pending_can_keep_to_given_keys(url: str) -> None:
         assert store.get(a.key).status == "pending"
         assert store.claim_pending(5, keys=[]) == []
         assert [r.key for r in store.claim_pending(5)] == [a.key]
+
+
+def test_a_finished_run_keeps_its_trainers_own_run_time(url: str) -> None:
+    """`seconds` is the trainer's time, not claim to finish (a claimed run may wait)."""
+    with RunStore(url) as store:
+        timed, untimed = ask(store, "h1").key, ask(store, "h2").key
+        store.claim_pending(2)
+        assert store.finish(timed, {"m": 1.0}, seconds=12.5).seconds == 12.5
+        assert store.finish(untimed, {"m": 1.0}).seconds is None
+        assert store.get(timed).seconds == 12.5  # type: ignore[union-attr]
+
+
+def test_a_store_from_before_run_times_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    with RunStore(url) as store:
+        key = ask(store, "h1").key
+        store.claim_pending(1)
+        store.finish(key, {"m": 1.0}, seconds=3.0)
+    with sqlite3.connect(tmp_path / "runs.db") as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN seconds")
+    with RunStore(url) as store:
+        run = store.get(key)
+        assert run is not None and run.metrics == {"m": 1.0} and run.seconds is None

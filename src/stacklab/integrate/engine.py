@@ -1033,7 +1033,7 @@ class _Session:
         where = self.names(point.subset) if point else outcome.key
         try:
             if outcome.metrics is not None:
-                self.store.finish(outcome.key, outcome.metrics)
+                self.store.finish(outcome.key, outcome.metrics, outcome.seconds)
             else:
                 self.store.fail(outcome.key, outcome.error or "failed")
         except StoreError:

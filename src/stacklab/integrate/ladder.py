@@ -472,12 +472,12 @@ def _measure_cost(session: _Session, first: _Session, cost0: float) -> float:
 
 
 def _durations(session: _Session, keys: Sequence[str]) -> list[float]:
+    """The trainers' own run times (not claim to finish: a claimed run may wait its turn)."""
     out = []
     for key in keys:
         run = session.store.get(key)
-        if run is None or run.status != "done" or not run.started_at or not run.finished_at:
-            continue
-        out.append((run.finished_at - run.started_at).total_seconds())
+        if run is not None and run.status == "done" and run.seconds is not None:
+            out.append(run.seconds)
     return out
 
 

@@ -47,6 +47,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Engine,
+    Float,
     Integer,
     String,
     Text,
@@ -127,6 +128,8 @@ class RunRow(_Base):
     # that fingerprint covered; part of the key, kept apart to say why old runs went stale.
     code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The trainer's own run time (started_at is the claim, which may wait in a queue).
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class LeaseRow(_Base):
@@ -164,6 +167,7 @@ class Run:
     owner: str | None = None  # the owner token of the store that claimed it last
     code: str | None = None  # the code fingerprint that is part of the key (None: older runs)
     provenance: dict[str, Any] | None = None  # what `code` covers (tree, files, command)
+    seconds: float | None = None  # how long the trainer ran (None: not recorded)
 
     @classmethod
     def _of(cls, row: RunRow) -> Run:
@@ -311,9 +315,10 @@ class RunStore:
         self._start_beating()
         return [Run._of(row) for row in rows]
 
-    def finish(self, key: str, metrics: dict[str, Any]) -> Run:
-        """Record a run's metrics. A finished run is never overwritten."""
-        return self._close_run(key, status="done", metrics=metrics, error=None)
+    def finish(self, key: str, metrics: dict[str, Any], seconds: float | None = None) -> Run:
+        """Record a run's metrics (and how long its trainer ran). A finished run is never
+        overwritten."""
+        return self._close_run(key, status="done", metrics=metrics, error=None, seconds=seconds)
 
     def fail(self, key: str, error: str) -> Run:
         """Record why a run failed (`retry_failed` can queue it again).
@@ -324,7 +329,12 @@ class RunStore:
         return self._close_run(key, status="failed", metrics=None, error=error)
 
     def _close_run(
-        self, key: str, status: Status, metrics: dict[str, Any] | None, error: str | None
+        self,
+        key: str,
+        status: Status,
+        metrics: dict[str, Any] | None,
+        error: str | None,
+        seconds: float | None = None,
     ) -> Run:
         with self._session() as session:
             row = self._row(session, key)
@@ -339,6 +349,7 @@ class RunStore:
                 return Run._of(row)  # another live claimer's attempt is the one that counts
             # From `pending` too: a result that arrives after its run was reset is not lost.
             row.status, row.metrics, row.error, row.finished_at = status, metrics, error, _now()
+            row.seconds = seconds
             session.commit()
             return Run._of(row)
 
@@ -529,7 +540,12 @@ def _create_tables(engine: Engine) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
         _Base.metadata.create_all(conn)
         have = {c["name"] for c in inspect(conn).get_columns("runs")}
-        added = (("owner", "VARCHAR(32)"), ("code", "VARCHAR(64)"), ("provenance", "JSON"))
+        added = (
+            ("owner", "VARCHAR(32)"),
+            ("code", "VARCHAR(64)"),
+            ("provenance", "JSON"),
+            ("seconds", "FLOAT"),
+        )
         for name, sql_type in added:
             if name not in have:  # stores from before the column
                 conn.execute(text(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}"))
