@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 from stacklab.integrate.decide import UTILITY, Comparison, Confirmation, Evidence, finite
-from stacklab.integrate.planner import Subset, fresh_seeds
+from stacklab.integrate.planner import Subset, fresh_seeds, screening_design
 from stacklab.integrate.round import Round, Rung
 from stacklab.integrate.store import run_key
 from stacklab.recipe import get_dotted
@@ -286,9 +286,9 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
     budget = rnd.spec.budget
     cost0 = rungs[0].cost
     assert cost0 is not None
+    plan = budget_plan(rnd)
     say(f"[bold]scale ladder[/]: budget {budget} cost units")
-    for k, r in enumerate(rungs):
-        units = r.share * budget
+    for k, (r, units) in enumerate(zip(rungs, plan, strict=True)):
         what = (
             "screening, search, confirmation"
             if k == 0
@@ -302,7 +302,7 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
         more = " (+ what lower rungs leave)" if k else ""
         say(f"  rung {r.name} {r.patch}: {price}: {what}{more}")
 
-    units0 = rungs[0].share * budget
+    units0 = plan[0]
     s0 = first_factory(rungs[0], int(units0 // cost0), 0, ())
     found = s0.search()
     ev0 = s0.evidence(found.views, found.conf)
@@ -314,7 +314,7 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
     carried = outcome0.kept
     for k in range(1, len(rungs)):
         below = outcomes[-1]
-        units = rungs[k].share * budget + max(0.0, below.units - below.spent)
+        units = plan[k] + max(0.0, below.units - below.spent)
         close, later = close_calls(below, latest, carried)
         batch = sum(len(r.session.batches) for r in outcomes)
         avoid = {p.seed for r in outcomes for p in r.session.points.values()}
@@ -363,6 +363,24 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
         "measures enough recipes to fit one; the verdicts come from the largest rung measured"
     )
     return s0._result(found, ladder)
+
+
+def budget_plan(rnd: Round) -> list[float]:
+    """Cost units per rung before leftovers. The first rung gets its share, and at least
+    what its screening and the smallest confirmation need when its share was not given (the
+    rest of the round cannot decide anything without them); the larger rungs split the rest
+    in proportion to their shares."""
+    rungs, budget = rnd.rungs, float(rnd.spec.budget)
+    cost0 = rungs[0].cost
+    assert cost0 is not None
+    first = rungs[0].share * budget
+    if rungs[0].share_source == "default" and len(rungs) > 1:
+        screen = len(screening_design(len(rnd.contributions), rnd.groups))
+        need = (screen * len(rnd.seeds) + 3 * rnd.confirm_count) * cost0
+        first = max(first, min(need, budget))
+    upper = sum(r.share for r in rungs[1:])
+    rest = budget - first
+    return [first, *(rest * r.share / upper if upper > 0 else 0.0 for r in rungs[1:])]
 
 
 def close_calls(

@@ -52,12 +52,13 @@ run's noise unless objectives give a `scale`.
 
 With `scales`, the budget is in cost units (a run at a rung of cost c uses c; the first
 rung's cost defaults to 1, a larger rung's is measured from run times unless given) and
-each rung's `share` of it defaults to half for the first rung and equal parts of the rest
-for the others. The first rung runs the whole round; each larger one measures the recipe
-the rung below chose, its leave-one-outs and the close calls (ladder.py). A rung patch may
-not set a key any contribution sets. `lr_tuning` (needs two rungs or more) runs the baseline
-and the chosen recipe at `factors` x the baseline's `key` on `seeds` seeds of their own at
-the top rung, and compares each at its best value there.
+each rung's `share` of it defaults to a quarter for the first rung (raised to what its
+screening needs) and equal parts of the rest for the others. The first rung runs the whole
+round; each larger one measures the recipe the rung below chose, its leave-one-outs and the
+close calls (ladder.py). A rung patch may not set a key any contribution sets. `lr_tuning`
+(needs two rungs or more) runs the baseline and the chosen recipe at `factors` x the
+baseline's `key` on `seeds` seeds of their own at the top rung, and compares each at its
+best value there.
 
 Everything is checked when the round is loaded (baseline, every contribution file, the
 command template), so a typo fails in a second with the key and file named, not after an
@@ -95,6 +96,7 @@ from stacklab.integrate.workspace import Resolved, Workspace, WorkspaceError
 from stacklab.recipe import Recipe, TrackerName, get_dotted, load_recipe
 
 PLACEHOLDERS = ("recipe", "seed", "out", "tree")
+FIRST_SHARE = 0.25  # default share of the budget for the first rung of a ladder
 
 
 class RoundError(StacklabError):
@@ -206,8 +208,8 @@ class ScaleSpec(_Spec):
         "from run times for the others",
     )  # fmt: skip
     share: float | None = Field(
-        None, gt=0, le=1, description="fraction of the budget; default: half for the first "
-        "rung, equal parts of the rest for the others",
+        None, gt=0, le=1, description="fraction of the budget; default: a quarter for the "
+        "first rung (at least what its screening needs), equal parts of the rest for the others",
     )  # fmt: skip
 
 
@@ -358,6 +360,7 @@ class Rung:
     cost: float | None  # None: measured from run times when the rung starts
     cost_source: str  # given | default | measured
     share: float  # of the budget (what a rung leaves unspent passes to the next)
+    share_source: str = "given"  # given | default
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,7 @@ def _rungs(
     free = [k for k, s in enumerate(spec.scales) if s.share is None]
     shares = [s.share for s in spec.scales]
     if free and free[0] == 0 and len(spec.scales) > 1:
-        shares[0] = min(0.5, 1.0 - given)
+        shares[0] = min(FIRST_SHARE, 1.0 - given)
         free = free[1:]
         given += shares[0]
     for k in free:
@@ -533,7 +536,12 @@ def _rungs(
         cost, source = s.cost, "given"
         if cost is None:
             cost, source = (1.0, "default") if k == 0 else (None, "measured")
-        rungs.append(Rung(s.name, dict(s.patch), cost, source, float(shares[k])))  # type: ignore[arg-type]
+        rungs.append(
+            Rung(
+                s.name, dict(s.patch), cost, source, float(shares[k]),  # type: ignore[arg-type]
+                "given" if s.share is not None else "default",
+            )
+        )  # fmt: skip
         if spec.lr_tuning is not None and k == len(spec.scales) - 1:
             key = spec.lr_tuning.key
             try:
