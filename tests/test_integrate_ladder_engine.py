@@ -272,3 +272,21 @@ def test_the_gpu_ladder_round_loads_and_its_script_needs_cuda(tmp_path: Path) ->
     )
     assert done.returncode == 2 and "no CUDA device" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_round_at_the_small_rung_alone_keeps_the_flip_the_ladder_shelves(
+    tmp_path: Path,
+) -> None:
+    """The comparison the ladder exists for, on ladder_basic (flip: +0.5 at s, -0.5 at m), at
+    one budget in cost units: the small rung alone selects it; the ladder shelves it."""
+    from integrate_sim.scenarios import ladder_basic
+
+    scenario = ladder_basic()
+    small_only = [r for r in scenario.scales if r["name"] == "s"]
+    decisions = {}
+    for kind, rungs in [("ladder", scenario.scales), ("s-only", small_only)]:
+        round_file = write_round(tmp_path / kind, scenario, budget=200, scales=rungs)
+        decisions[kind] = integrate(round_file, tmp_path / kind / "out", console=quiet()).decision
+    assert "flip" in decisions["s-only"]["selected"]
+    assert "flip" not in decisions["ladder"]["selected"]
+    assert "steady" in decisions["ladder"]["selected"]
