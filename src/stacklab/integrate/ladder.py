@@ -197,6 +197,19 @@ class LadderOutcome:
         return measured[-1]
 
     def predicted(self, selected: Subset) -> dict[str, list[float | None]]:
+        """The selected recipe against the baseline at the largest rung that ran both (the
+        top rung measured the recipe it confirmed, which may hold undecided members)."""
+        for r in reversed(self.rungs):
+            if r.evidence is None:
+                continue
+            out = r.evidence.predicted(selected)
+            if any(v[0] is not None for v in out.values()):
+                if r is not self._top():
+                    self.notes.append(
+                        f"predicted: the selected recipe against the baseline at rung "
+                        f"{r.rung.name}, the largest rung that ran it"
+                    )
+                return out
         top = self._top()
         assert top.evidence is not None
         return top.evidence.predicted(selected)
