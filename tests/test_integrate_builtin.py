@@ -16,16 +16,19 @@ from stacklab.integrate.engine import integrate
 
 pytestmark = pytest.mark.slow
 
+# The demo baseline shrunk to a few pretraining steps: a real build in seconds.
+NANO = (
+    "base: demo-baseline\n"
+    "name: nano\n"
+    "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
+    "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
+    "pretrain: {steps: 3, batch_size: 2, ckpt_every: 3}\n"
+    "eval: {task_problems: 4}\n"
+)
+
 
 def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
-    (tmp_path / "nano.yaml").write_text(
-        "base: demo-baseline\n"
-        "name: nano\n"
-        "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
-        "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
-        "pretrain: {steps: 3, batch_size: 2, ckpt_every: 3}\n"
-        "eval: {task_problems: 4}\n"
-    )
+    (tmp_path / "nano.yaml").write_text(NANO)
     (tmp_path / "round.yaml").write_text(
         "baseline: nano.yaml\n"
         "contributions: [muon, wsd-schedule]\n"
@@ -74,14 +77,7 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
 
 def test_a_ladder_of_real_builds_runs_each_rung(tmp_path: Path) -> None:
     """The built-in runner under a scale ladder: each rung's patch reaches the builds."""
-    (tmp_path / "nano.yaml").write_text(
-        "base: demo-baseline\n"
-        "name: nano\n"
-        "data: {mixture: {token_budget: 40000, val_token_budget: 4000}}\n"
-        "tokenizer: {vocab_size: 384, train_chars: 60000}\n"
-        "pretrain: {steps: 3, batch_size: 2, ckpt_every: 3}\n"
-        "eval: {task_problems: 4}\n"
-    )
+    (tmp_path / "nano.yaml").write_text(NANO)
     (tmp_path / "round.yaml").write_text(
         "baseline: nano.yaml\n"
         "contributions: [muon]\n"
