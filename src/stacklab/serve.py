@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -700,6 +700,21 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}  # fmt: skip
 
 
+def _closing_events(
+    head: dict[str, Any], prompt_tokens: int, result: Completion, include_usage: bool
+) -> Iterator[str]:
+    """The last events of a stream: the usage chunk when asked for, then `[DONE]`."""
+    if include_usage:
+        usage = _usage(prompt_tokens, len(result.tokens))
+        yield _sse({**head, "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -871,15 +886,12 @@ async def _chat(engine: Engine, request: ChatRequest) -> JSONResponse | Streamin
                 deltas = [{"index": i, **call} for i, call in enumerate(calls)]
                 yield chunk({"tool_calls": deltas})
             yield chunk({}, "tool_calls" if calls else result.finish_reason)
-            if include_usage:
-                usage = _usage(len(prompt), len(result.tokens))
-                yield _sse({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            for event in _closing_events(head, len(prompt), result, include_usage):
+                yield event
         finally:
             stream.cancel.set()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+    return _event_stream(events())
 
 
 def _chat_logprobs(engine: Engine, result: Completion) -> dict[str, Any]:
@@ -985,15 +997,12 @@ async def _complete(engine: Engine, request: CompletionRequest) -> JSONResponse 
                 yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
                 return
             yield chunk("", result.finish_reason)
-            if include_usage:
-                usage = _usage(len(prompt), len(result.tokens))
-                yield _sse({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            for event in _closing_events(head, len(prompt), result, include_usage):
+                yield event
         finally:
             stream.cancel.set()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+    return _event_stream(events())
 
 
 def _text_logprobs(engine: Engine, result: Completion, shift: int) -> dict[str, Any]:

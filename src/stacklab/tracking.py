@@ -27,6 +27,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,18 +81,28 @@ def scalars(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- backends
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What names one tracker run, the same for every backend (each uses what it knows)."""
+
+    project: str
+    name: str
+    group: str | None
+    job_type: str
+    tags: tuple[str, ...] = ()
+    resume_step: int = 0  # > 0: the run continues from a checkpoint at this step
+
+
 class TensorBoardTracker(Tracker):
     """Event files in `log_dir` (torch's SummaryWriter); `config` as a text summary."""
 
-    def __init__(
-        self, log_dir: Path, config: Mapping[str, Any], resume_step: int = 0, **_: Any
-    ) -> None:
+    def __init__(self, log_dir: Path, config: Mapping[str, Any], run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # On resume, events a killed run wrote after its last checkpoint are dropped.
-        purge = resume_step + 1 if resume_step > 0 else None
+        purge = run.resume_step + 1 if run.resume_step > 0 else None
         self.writer = SummaryWriter(str(log_dir), purge_step=purge)
-        if resume_step == 0 and config:
+        if run.resume_step == 0 and config:
             text = json.dumps(dict(config), indent=1, sort_keys=True, default=str)
             self.writer.add_text("config", f"```\n{text}\n```", 0)
 
@@ -106,18 +117,7 @@ class TensorBoardTracker(Tracker):
 class WandbTracker(Tracker):
     """A W&B run in offline mode: a folder `dir/wandb/offline-run-*` (`wandb sync` uploads it)."""
 
-    def __init__(
-        self,
-        log_dir: Path,
-        config: Mapping[str, Any],
-        *,
-        project: str,
-        name: str,
-        group: str | None,
-        job_type: str,
-        tags: Sequence[str] = (),
-        **_: Any,
-    ) -> None:
+    def __init__(self, log_dir: Path, config: Mapping[str, Any], run: RunInfo) -> None:
         import wandb
 
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -125,13 +125,13 @@ class WandbTracker(Tracker):
             silent=True, console="off", x_disable_stats=True, disable_git=True, save_code=False
         )
         self.run = wandb.init(
-            project=project,
+            project=run.project,
             dir=str(log_dir),
             mode="offline",
-            name=name,
-            group=group,
-            job_type=job_type,
-            tags=[t[:64] for t in tags],  # W&B's limit on a tag
+            name=run.name,
+            group=run.group,
+            job_type=run.job_type,
+            tags=[t[:64] for t in run.tags],  # W&B's limit on a tag
             config=dict(config),
             reinit="create_new",
             settings=settings,
@@ -149,26 +149,16 @@ class WandbTracker(Tracker):
 class TrackioTracker(Tracker):
     """A trackio run in its local database ($TRACKIO_DIR; `trackio show --project P`)."""
 
-    def __init__(
-        self,
-        log_dir: Path,
-        config: Mapping[str, Any],
-        *,
-        project: str,
-        name: str,
-        group: str | None,
-        resume_step: int = 0,
-        **_: Any,
-    ) -> None:
+    def __init__(self, log_dir: Path, config: Mapping[str, Any], run: RunInfo) -> None:
         import trackio
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner per run
             self.run = trackio.init(
-                project=project,
-                name=name,
-                group=group,
+                project=run.project,
+                name=run.name,
+                group=run.group,
                 config=dict(config),
-                resume="allow" if resume_step > 0 else "never",
+                resume="allow" if run.resume_step > 0 else "never",
                 embed=False,
                 auto_log_cpu=False,
                 auto_log_gpu=False,
@@ -259,22 +249,14 @@ def open_tracker(
     """
     require(names, where)
     failed = failed if failed is not None else set()
+    run = RunInfo(project, name, group, job_type, tuple(tags), resume_step)
     backends: dict[str, Tracker] = {}
     for backend in names:
         if backend in failed:
             continue
         folder = log_dir / "tensorboard" if backend == "tensorboard" else log_dir
         try:
-            backends[backend] = BACKENDS[backend](
-                folder,
-                config or {},
-                project=project,
-                name=name,
-                group=group,
-                job_type=job_type,
-                tags=tags,
-                resume_step=resume_step,
-            )
+            backends[backend] = BACKENDS[backend](folder, config or {}, run)
         except ImportError as exc:
             raise StacklabError(
                 f"{where}: {backend!r} needs {EXTRA} (import failed: {' '.join(str(exc).split())})"
