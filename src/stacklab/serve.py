@@ -700,18 +700,37 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}  # fmt: skip
 
 
-def _closing_events(
-    head: dict[str, Any], prompt_tokens: int, result: Completion, include_usage: bool
-) -> Iterator[str]:
-    """The last events of a stream: the usage chunk when asked for, then `[DONE]`."""
-    if include_usage:
-        usage = _usage(prompt_tokens, len(result.tokens))
-        yield _sse({**head, "choices": [], "usage": usage})
-    yield "data: [DONE]\n\n"
+def _event_stream(
+    stream: _Stream,
+    opening: AsyncIterator[str],
+    closing: Callable[[Completion], Iterator[str]],
+    usage_head: dict[str, Any] | None,
+    prompt_tokens: int,
+) -> StreamingResponse:
+    """A server-sent-event response: `opening`'s events while the model generates, then
+    `closing`'s for the finished completion, the usage chunk (with `usage_head`, when the
+    client asked for usage) and `[DONE]`. A failure after the stream started is reported as
+    an event; the generation is cancelled whenever the stream ends, the client leaving too."""
 
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in opening:
+                yield event
+            try:
+                result = await stream.future
+            except Exception as exc:  # the stream has started: report it as an event
+                yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
+                return
+            for event in closing(result):
+                yield event
+            if usage_head is not None:
+                usage = _usage(prompt_tokens, len(result.tokens))
+                yield _sse({**usage_head, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.cancel.set()
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})  # fmt: skip
 
 
@@ -866,32 +885,25 @@ async def _chat(engine: Engine, request: ChatRequest) -> JSONResponse | Streamin
         return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
     stream = _Stream(engine, job)
+    text = ChatText(use_tools)
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            text = ChatText(use_tools)
-            async for piece in stream.pieces():
-                if delta := text.feed(piece):
-                    yield chunk({"content": delta})
-            try:
-                result = await stream.future
-            except Exception as exc:  # the stream has started: report it as an event
-                yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
-                return
-            content, calls = reply_parts(result.text, use_tools)
-            if rest := text.finish(content):
-                yield chunk({"content": rest})
-            if calls:
-                deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-                yield chunk({"tool_calls": deltas})
-            yield chunk({}, "tool_calls" if calls else result.finish_reason)
-            for event in _closing_events(head, len(prompt), result, include_usage):
-                yield event
-        finally:
-            stream.cancel.set()
+    async def opening() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in stream.pieces():
+            if delta := text.feed(piece):
+                yield chunk({"content": delta})
 
-    return _event_stream(events())
+    def closing(result: Completion) -> Iterator[str]:
+        content, calls = reply_parts(result.text, use_tools)
+        if rest := text.finish(content):
+            yield chunk({"content": rest})
+        if calls:
+            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+            yield chunk({"tool_calls": deltas})
+        yield chunk({}, "tool_calls" if calls else result.finish_reason)
+
+    usage_head = head if include_usage else None
+    return _event_stream(stream, opening(), closing, usage_head, len(prompt))
 
 
 def _chat_logprobs(engine: Engine, result: Completion) -> dict[str, Any]:
@@ -987,22 +999,15 @@ async def _complete(engine: Engine, request: CompletionRequest) -> JSONResponse 
 
     stream = _Stream(engine, job)
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for piece in stream.pieces():
-                yield chunk(piece)
-            try:
-                result = await stream.future
-            except Exception as exc:
-                yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
-                return
-            yield chunk("", result.finish_reason)
-            for event in _closing_events(head, len(prompt), result, include_usage):
-                yield event
-        finally:
-            stream.cancel.set()
+    async def opening() -> AsyncIterator[str]:
+        async for piece in stream.pieces():
+            yield chunk(piece)
 
-    return _event_stream(events())
+    def closing(result: Completion) -> Iterator[str]:
+        yield chunk("", result.finish_reason)
+
+    usage_head = head if include_usage else None
+    return _event_stream(stream, opening(), closing, usage_head, len(prompt))
 
 
 def _text_logprobs(engine: Engine, result: Completion, shift: int) -> dict[str, Any]:
