@@ -1,13 +1,17 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, run the demo integration round (about 10-15 minutes)
-#   make test   create .venv, install, run the test suite
-#   make bench  the CPU benchmark suite (about 8 minutes), one table
+#   make demo      create .venv, install, run the demo integration round (about 10-15 minutes)
+#   make test      create .venv, install, run the fast tests: every test not marked slow
+#                  (about 2 minutes on 2 CPU cores)
+# and more, with the same set-up:
+#   make test-all  every test, the slow end-to-end ones included (what CI runs: .ci/run)
+#   make bench     the CPU benchmark suite (about 8 minutes), one table
+#   make lint      ruff check and ruff format --check
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +27,9 @@ demo: setup
 	$(BIN)/stacklab demo
 
 test: setup
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/pytest -q
 
 bench: setup

@@ -418,8 +418,9 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rnd = load_round(round_file)
                 t_engine = time.perf_counter()
-                result = integrate(round_file, root / "out", Console(file=io.StringIO()))
-                score = score_decision(scenario, result.decision)
+                integrate(round_file, root / "out", Console(file=io.StringIO()))
+                decision = json.loads((root / "out" / "decision.json").read_text())
+                score = score_decision(scenario, decision)
                 score["seconds"] = time.perf_counter() - t_engine
                 record["engine"][str(budget)] = score
             assert rnd is not None

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stacklab.model.config import MoEConfig
 from stacklab.model.moe import MoE
-from stacklab.recipe import MoEConfig
 from stacklab.train.pretrain import measure_peak_flops
 
 

@@ -40,8 +40,8 @@ from stacklab.model.transformer import build_model
 from stacklab.recipe import load_recipe
 from stacklab.rl import trainer
 from stacklab.train.optim import build_optimizer
-from stacklab.train.pretrain import deterministic
 from stacklab.train.schedule import build_scheduler
+from stacklab.train.trainer import OptimizerStep, deterministic
 
 
 def quick_tokenizer(recipe: Any) -> Any:
@@ -82,7 +82,8 @@ def one_step(
         t0 = time.perf_counter()
         batch, by_env = trainer.collect(model, tok, sources, cfg, recipe.seed, step)
         t1 = time.perf_counter()
-        trainer.update(model, None, opt, sched, batch, cfg, recipe.seed, step)
+        optimizer_step = OptimizerStep(model, opt, sched, cfg.grad_clip)
+        trainer.update(model, None, optimizer_step, batch, cfg, recipe.seed, step)
         t2 = time.perf_counter()
     finally:
         trainer.token_logprobs = clock.inner
@@ -125,7 +126,7 @@ def main() -> None:
     cfg = recipe.rl
     tok = quick_tokenizer(recipe)
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, tok.get_vocab_size())
+    model = build_model(recipe.model.build(), tok.get_vocab_size())
     sources = trainer.task_sources(recipe, pool=200)
     optim_cfg = trainer.rl_optim(cfg)
     opt = build_optimizer(model, optim_cfg)

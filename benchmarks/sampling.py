@@ -50,13 +50,14 @@ def build_pair(
 
     r = load_recipe(recipe)  # a built-in name (tiny) or a recipe file
     torch.manual_seed(seed)
-    ours = build_model(r.model, r.tokenizer.vocab_size).eval()
-    arch, fields = hf_config(r.model, r.tokenizer.vocab_size)
+    cfg = r.model.build()
+    ours = build_model(cfg, r.tokenizer.vocab_size).eval()
+    arch, fields = hf_config(cfg, r.tokenizer.vocab_size)
     config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**fields)
     config.architectures = [arch]
     theirs = getattr(transformers, arch)(config).eval()
     missing, unexpected = theirs.load_state_dict(
-        to_hf_state_dict(r.model, ours.state_dict()), strict=False
+        to_hf_state_dict(cfg, ours.state_dict()), strict=False
     )
     # A tied head is one tensor under two names: transformers re-ties it after loading.
     if unexpected or [m for m in missing if m != "lm_head.weight"]:

@@ -55,8 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from stacklab.interop.hf import hf_config, to_hf_state_dict
+from stacklab.model.config import TransformerConfig
 from stacklab.model.transformer import Transformer, build_model
-from stacklab.recipe import ModelConfig, load_recipe
+from stacklab.recipe import load_recipe
 from stacklab.train.pretrain import measure_peak_flops
 
 # case → (recipe, overrides, the issue's goal for ours/HF tokens/s)
@@ -93,20 +94,20 @@ LOSS_TOL = {"float32": 1e-4, "bfloat16": 1e-2}
 LR = 1e-4  # small: the weights hardly move, so routing stays comparable across repeats
 
 
-def model_config(case: str) -> tuple[ModelConfig, int]:
+def model_config(case: str) -> tuple[TransformerConfig, int]:
     recipe_name, overrides, _ = CASES[case]
     recipe = load_recipe(recipe_name, overrides)
-    return recipe.model, recipe.tokenizer.vocab_size
+    return recipe.model.build(), recipe.tokenizer.vocab_size
 
 
 def build_ours(
-    cfg: ModelConfig, vocab: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+    cfg: TransformerConfig, vocab: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
     torch.manual_seed(0)  # the same weights on every device and dtype: built in float32
     return build_model(cfg, vocab).to(device=device, dtype=dtype).train()
 
 
-def build_hf(cfg: ModelConfig, vocab: int, ours: Transformer) -> nn.Module:
+def build_hf(cfg: TransformerConfig, vocab: int, ours: Transformer) -> nn.Module:
     """The `transformers` model of our export, loaded the way a user would load it: in the
     dtype of `ours`' weights, then moved to their device."""
     import transformers
@@ -142,7 +143,7 @@ def ours_loss(
     model: Transformer, x: Tensor, y: Tensor, logits: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """How our training loop calls the model: loss only (the head fused with the loss)."""
-    out = model(x, y, return_logits=logits)
+    out = model(x, y, logits="all" if logits else None)
     return out.loss + out.aux_loss, out.logits
 
 

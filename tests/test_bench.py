@@ -134,8 +134,8 @@ def test_moe_dispatch_peer_computes_the_same_layer(monkeypatch) -> None:
     gradients, and the check the script makes before timing sees a difference."""
     import torch
 
+    from stacklab.model.config import MoEConfig
     from stacklab.model.moe import MoE
-    from stacklab.recipe import MoEConfig
 
     moe_dispatch = _load_benchmark("moe_dispatch")
     for experts, top_k in ((8, 2), (16, 8)):

@@ -12,7 +12,7 @@ from stacklab.data.tokenizer import save_tokenizer, train_tokenizer
 from stacklab.model.generation import Generation
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, TokenizerConfig
-from stacklab.train.checkpoint import save_model
+from stacklab.train.checkpoint import write_model
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def run(tmp_path_factory) -> Path:
     texts = [f"user asks {i} plus {i * 7} and the assistant answers {i * 8}\n" for i in range(300)]
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=400, min_frequency=1))
     save_tokenizer(tok, run / "tokenizer")
-    model = build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=4096), 400)
-    save_model(model, run / "pretrain" / "final")
+    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=4096).build()
+    model = build_model(cfg, 400)
+    write_model(run / "pretrain" / "final", cfg, 400, model.state_dict())
     return run
 
 

@@ -74,5 +74,7 @@ def test_round_names_catalog_contributions(tmp_path: Path) -> None:
     round_file.write_text(head + "contributions: [muon, qk-norm]\n")
     assert load_round(round_file).ids == ["my-muon", "qk-norm"]
     round_file.write_text(head + "contributions: [qk-nrom]\n")
-    with pytest.raises(RoundError, match=r"'qk-nrom' is neither a file .* built-in .*qk-norm"):
+    # the miss names where it looked, the likely built-in, and every built-in
+    miss = r"contributions: contribution file not found: .*qk-nrom; did you mean the built-in"
+    with pytest.raises(RoundError, match=miss + r" contribution 'qk-norm'\? \(built-in .*gspo"):
         load_round(round_file)

@@ -15,7 +15,8 @@ from helpers import random_shards
 from stacklab.errors import StacklabError
 from stacklab.recipe import recipe_from_dict
 from stacklab.train.distributed import World, check_parallel
-from stacklab.train.pretrain import pretrain, read_metrics
+from stacklab.train.log import read_log
+from stacklab.train.pretrain import pretrain
 
 VOCAB, SEQ_LEN = 64, 32
 
@@ -77,8 +78,8 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path: Path) -> No
     output, _ = ddp.communicate(timeout=600)
     assert ddp.returncode == 0, output.decode()[-3000:]
 
-    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
-    both = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    single = read_log(tmp_path / "single" / "metrics.jsonl")
+    both = read_log(tmp_path / "ddp" / "metrics.jsonl")
     assert [r["step"] for r in both] == list(range(1, 7))  # one writer: rank 0
     assert [r["tokens"] for r in both] == [r["tokens"] for r in single]
     for key in ("loss", "grad_norm", "moe/1/imbalance"):

@@ -16,6 +16,7 @@ from stacklab.integrate.round import RoundSpec
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, Recipe, load_recipe
 from stacklab.train import pretrain
+from stacklab.train.trainer import TrainRun
 
 
 def example_round() -> dict:
@@ -33,8 +34,8 @@ def build_metrics(recipe: Recipe, tmp_path: Path) -> set[str]:
     names |= set(accuracy_by_task(Graded(p, "", False) for p in problems))
     for env in recipe.eval.agent_envs:
         names |= set(AgentResult(env, [Episode([], [], [], [])], [""]).metrics())
-    model = build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=16), 64)
-    names |= set(pretrain._summary(model, tmp_path, 1, 1.0, 1.0, 1.0, 1))
+    model = build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=16).build(), 64)
+    names |= set(pretrain._summary(model, TrainRun([], 1.0), 1, 1.0, 1.0, 1))
     return names
 
 

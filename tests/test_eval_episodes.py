@@ -33,7 +33,7 @@ from stacklab.evals.stage import AGENT_EPISODES, COMPLETIONS, EVAL_STAGE, evalua
 from stacklab.model.generation import Generation
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ArithmeticTask, EvalConfig, ModelConfig, Recipe, TokenizerConfig
-from stacklab.train.checkpoint import load_model, save_model
+from stacklab.train.checkpoint import load_model, write_model
 
 TASK = ArithmeticTask(max_digits=2)
 SEED = 3
@@ -62,7 +62,7 @@ def tok():
 
 def tiny_model(vocab: int, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=512)
+    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=512).build()
     return build_model(cfg, vocab)
 
 
@@ -324,7 +324,8 @@ def saved_models(tmp_path_factory, tok) -> dict[str, Path]:
     """A final model per training stage, each from a different seed."""
     root = tmp_path_factory.mktemp("models")
     for name, seed in STAGE_SEEDS.items():
-        save_model(tiny_model(tok.get_vocab_size(), seed), root / name / "final")
+        model = tiny_model(tok.get_vocab_size(), seed)
+        write_model(root / name / "final", model.cfg, model.vocab_size, model.state_dict())
     return {name: root / name for name in STAGE_SEEDS}
 
 

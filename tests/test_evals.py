@@ -24,7 +24,7 @@ from stacklab.evals.objectives import (
 from stacklab.evals.stage import COMPLETIONS, EVAL_STAGE, evaluate, evaluate_run
 from stacklab.model.transformer import ModelOutput, build_model
 from stacklab.recipe import ArithmeticTask, ModelConfig, Recipe, TokenizerConfig
-from stacklab.train.checkpoint import save_model
+from stacklab.train.checkpoint import write_model
 
 TASK = ArithmeticTask(max_digits=2)
 SEQ_LEN = 16
@@ -62,7 +62,7 @@ def shard_dir(tmp_path_factory, tok, ascii_docs) -> Path:
 
 def tiny_model(vocab: int, seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(depth=1, aspect=32, head_dim=16, max_seq_len=64), vocab)
+    return build_model(ModelConfig(depth=1, aspect=32, head_dim=16, max_seq_len=64).build(), vocab)
 
 
 class Uniform(nn.Module):
@@ -100,18 +100,18 @@ class Scripted(nn.Module):
     def new_cache(self, batch, max_len=None):
         return self.inner.new_cache(batch, max_len)
 
-    def forward(self, input_ids, targets=None, *, cache, positions, key_mask, last_only=False):
+    def forward(self, input_ids, targets=None, *, cache, positions, key_mask, logits="all"):
         if cache.length == 0:
             self.rows = [ids[m].tolist() for ids, m in zip(input_ids, key_mask, strict=True)]
         else:
             for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
                 row.append(token)
         cache.length += input_ids.shape[1]
-        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        out = torch.zeros(*input_ids.shape, self.vocab_size)
         for i, row in enumerate(self.rows):
-            logits[i, -1, self.next.get(tuple(row), EOT_ID)] = 10.0
-        logits = logits[:, -1:] if last_only else logits
-        return ModelOutput(logits=logits, loss=None, aux_loss=torch.zeros(()))
+            out[i, -1, self.next.get(tuple(row), EOT_ID)] = 10.0
+        out = out[:, -1:] if logits == "last" else out
+        return ModelOutput(logits=out, loss=None, aux_loss=torch.zeros(()))
 
 
 # --------------------------------------------------------------------------- val_bpb
@@ -211,7 +211,8 @@ def test_eval_stage_and_evaluate_run(tmp_path: Path, tok, shard_dir) -> None:
     recipe.eval.task_problems = 6
     recipe.eval.batch_size = 4
     run = tmp_path / "run"
-    save_model(tiny_model(tok.get_vocab_size()), run / "pretrain" / "final")
+    model = tiny_model(tok.get_vocab_size())
+    write_model(run / "pretrain" / "final", model.cfg, model.vocab_size, model.state_dict())
     save_tokenizer(tok, run / "tokenizer")
     (run / "shards").symlink_to(shard_dir)
     (run / "recipe.yaml").write_text(recipe.to_yaml())

@@ -40,19 +40,19 @@ def test_the_chartrainer_round_decides_among_its_branches(
     out = tmp_path / "round" / "out"
     result = integrate(tmp_path / "round" / "round.yaml", out, console=Console(file=io.StringIO()))
     d = result.decision
-    assert d["runs"]["failed"] == 0
-    assert d["selected"] == ["bigger-lr", "deeper", "gelu", "no-dropout"]
-    rows = {row["id"]: row for row in d["decisions"]}
-    assert rows["softsign"]["kind"] == "conflict"
-    assert rows["softsign"]["reason"].startswith(
+    assert d.runs.failed == 0
+    assert d.selected == ["bigger-lr", "deeper", "gelu", "no-dropout"]
+    assert d.decision("softsign").kind == "conflict"
+    assert d.decision("softsign").reason.startswith(
         "conflicts with gelu: both change model.py line 25 (a choice group)"
     )
-    assert rows["tidy-data"]["status"] == "shelved"
-    assert set(d["code"]["changes"]) == {"bigger-lr", "deeper", "gelu", "softsign", "tidy-data"}
-    assert d["code"]["changes"]["bigger-lr"]["files"] == ["train.toml"]
-    (check,) = d["guardrail_checks"]
-    assert check["metric"] == "tokens_per_s" and check["state"] == "held"
+    assert d.decision("tidy-data").status == "shelved"
+    assert d.code.changes is not None
+    assert set(d.code.changes) == {"bigger-lr", "deeper", "gelu", "softsign", "tidy-data"}
+    assert d.code.changes["bigger-lr"].files == ["train.toml"]
+    (check,) = d.guardrail_checks
+    assert check.metric == "tokens_per_s" and check.state == "held"
     # Each run read a TOML config with the baseline's comments, in its own merged tree.
     some_run = next((out / "runs").iterdir())
     assert (some_run / "recipe.toml").read_text().lstrip().startswith("#")
-    assert json.loads((out / "decision.json").read_text())["selected"] == d["selected"]
+    assert json.loads((out / "decision.json").read_text())["selected"] == d.selected

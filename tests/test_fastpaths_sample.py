@@ -5,8 +5,14 @@ fast path with `DecodeStep` (fused projections and norms, MKL-packed weights, di
 writes). On float32 the tokens are identical and the log-probs agree to a few ulps (at most
 4.8e-7 here: a concatenated weight's matmul rounds differently); the tolerance of 1e-5 allows
 for BLAS builds that round more differently still.
+
+`DecodeStep` is a second, hand-written forward: a model feature written into one path only
+must fail here. `OPTION_GRID` lists every field of the model's config and of `FastPaths`
+(a field missing from it fails), and every option is decoded through both paths and
+compared with the model's full forward.
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -19,9 +25,10 @@ from stacklab.envs import rollout as rollout_module
 from stacklab.envs.rollout import rollout
 from stacklab.envs.tasks_env import TaskEnv
 from stacklab.model import generation
+from stacklab.model.config import FastPaths, MoEConfig, TransformerConfig
 from stacklab.model.generation import DecodeStep, _Linear, filter_logits, generate
 from stacklab.model.transformer import Transformer, build_model
-from stacklab.recipe import ArithmeticTask, ModelConfig, MoEConfig, TokenizerConfig
+from stacklab.recipe import ArithmeticTask, TokenizerConfig
 
 V = 97
 MOE = {"enabled": True, "num_experts": 4, "top_k": 2, "first_k_dense": 1}
@@ -40,7 +47,7 @@ def make_model(name: str) -> Transformer:
     torch.manual_seed(0)
     extra = dict(CONFIGS[name])
     moe = MoEConfig(**extra.pop("moe", {}))
-    cfg = ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=64, moe=moe, **extra)
+    cfg = TransformerConfig(depth=2, aspect=32, head_dim=16, max_seq_len=64, moe=moe, **extra)
     return build_model(cfg, V)
 
 
@@ -163,7 +170,7 @@ def test_rollouts_are_the_same_on_both_paths(monkeypatch) -> None:
     texts = [gen.render(p) for p in gen.problems("train", 60, 0)] * 3
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300, min_frequency=2))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(depth=2, aspect=16, head_dim=16, max_seq_len=128), 300)
+    model = build_model(TransformerConfig(depth=2, aspect=16, head_dim=16, max_seq_len=128), 300)
     problems = gen.problems("train", 3, 1)
     episodes = []
     for fast in (False, True):
@@ -216,3 +223,154 @@ def test_bfloat16_decoding_stays_close_to_the_plain_path(name: str, prompts) -> 
     for p, f in zip(plain, fast, strict=True):
         assert f.tokens[:4] == p.tokens[:4]
         assert f.logprobs[:4] == pytest.approx(p.logprobs[:4], abs=0.05)
+
+
+# --------------------------------------------------------------------------- every option
+
+
+# Every field of TransformerConfig (dotted: `moe.` for its MoEConfig) and of FastPaths
+# (`fast.`), with the values decoded besides the defaults. Fields that cannot change a
+# decoding step (init_std, the balance losses' coefficients, the loss's chunk) are listed
+# too: the list is checked against the dataclasses, so a new field fails until it is here.
+OPTION_GRID: dict[str, list[object]] = {
+    "depth": [1, 3],
+    "aspect": [24],
+    "head_dim": [16],
+    "d_model": [48],
+    "n_heads": [2],
+    "n_kv_heads": [4],  # as many as the query heads: no grouped-query attention
+    "ffn_hidden": [40],
+    "max_seq_len": [24],
+    "rope_theta": [50.0],
+    "qk_norm": [False],
+    "tie_embeddings": [False],
+    "norm_eps": [0.5],
+    "init_std": [0.1],
+    "moe.enabled": [True],
+    "moe.num_experts": [3, 6],
+    "moe.top_k": [1, 3],
+    "moe.expert_hidden": [24],
+    "moe.router": ["sigmoid"],
+    "moe.norm_topk": [False],
+    "moe.routed_scaling": [2.5],
+    "moe.num_shared_experts": [1, 2],
+    "moe.first_k_dense": [1],
+    "moe.balance": ["aux_free"],
+    "moe.aux_loss_coef": [0.5],
+    "moe.z_loss_coef": [0.5],
+    "moe.bias_update_rate": [0.1],
+    "fast.fused": [False],
+    "fast.grouped_mm": [False],
+    "fast.logits_chunk_elements": [7],
+}
+OPTION_BASE = TransformerConfig(depth=2, aspect=16, head_dim=8, max_seq_len=32)
+OPTION_BASE_MOE = dataclasses.replace(OPTION_BASE, moe=MoEConfig(enabled=True, num_experts=4))
+
+
+def _dotted_fields(value: object, prefix: str = "") -> list[str]:
+    """The dotted names of a dataclass instance's fields, nested dataclasses expanded."""
+    names = []
+    for f in dataclasses.fields(value):
+        inner = getattr(value, f.name)
+        if dataclasses.is_dataclass(inner):
+            names += _dotted_fields(inner, f"{prefix}{f.name}.")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def _replaced(value, path: list[str], new: object):
+    head, *rest = path
+    inner = _replaced(getattr(value, head), rest, new) if rest else new
+    return dataclasses.replace(value, **{head: inner})
+
+
+def _option(name: str, value: object) -> tuple[TransformerConfig, FastPaths]:
+    """The base model (MoE for `moe.*` options) with one option changed."""
+    moe_option = name.startswith("moe.") and name != "moe.enabled"
+    cfg = OPTION_BASE_MOE if moe_option else OPTION_BASE
+    if name.startswith("fast."):
+        return cfg, _replaced(FastPaths(), name.split(".")[1:], value)
+    return _replaced(cfg, name.split("."), value), FastPaths()
+
+
+OPTION_CASES = [("defaults", OPTION_BASE, FastPaths()), ("moe", OPTION_BASE_MOE, FastPaths())]
+OPTION_CASES += [
+    (f"{name}={value}", *_option(name, value))
+    for name, values in OPTION_GRID.items()
+    for value in values
+]
+
+
+def test_the_option_grid_covers_every_field() -> None:
+    fields = _dotted_fields(TransformerConfig()) + [
+        "fast." + n for n in _dotted_fields(FastPaths())
+    ]
+    missing = sorted(set(fields) - set(OPTION_GRID))
+    assert not missing, f"add these model options to OPTION_GRID: {missing}"
+    assert sorted(OPTION_GRID) == sorted(fields)  # and no stale entries
+
+
+def _random_model(cfg: TransformerConfig, fast: FastPaths) -> Transformer:
+    """A model whose norm scales and MoE selection biases are not their neutral init, so an
+    option a path ignores changes its logits."""
+    torch.manual_seed(0)
+    model = build_model(cfg, V, fast).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:  # RMSNorm scales
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+        for moe in model.moe_layers():
+            moe.expert_bias.normal_(0, 0.1)
+    return model
+
+
+def _decoded(model: Transformer, prompts: list[list[int]], feed: torch.Tensor, fast: bool):
+    """Logits [B, 1 + steps, V] of teacher-forced decoding as `generate` runs it: one
+    left-padded prefill, then `feed` one token per row per step, through `DecodeStep` or
+    the general forward."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + feed.shape[1]
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    key_mask = torch.ones(batch, total, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+        key_mask[i, : longest - len(prompt)] = False
+    positions = (key_mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+    step = DecodeStep(model, batch) if fast else None
+    cache = model.new_cache(batch, total)
+    prefill = model(
+        ids, cache=cache, positions=positions, key_mask=key_mask[:, :longest], logits="last"
+    )
+    logits, position = [prefill.logits[:, -1]], positions[:, -1:]
+    for t in range(feed.shape[1]):
+        token, position = feed[:, t], position + 1
+        if step is not None:
+            logits.append(step(token, position, cache, key_mask))
+        else:
+            seen = key_mask[:, : cache.length + 1]
+            out = model(token[:, None], cache=cache, positions=position, key_mask=seen)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "fast"), [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES]
+)
+def test_every_option_decodes_the_same_on_both_paths(
+    cfg: TransformerConfig, fast: FastPaths
+) -> None:
+    """DecodeStep, the general forward's cached decoding, and each row's full forward alone
+    give the same logits for every model option."""
+    model = _random_model(cfg, fast)
+    assert DecodeStep.supports(model)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, V, (n,), generator=gen).tolist() for n in (4, 7)]
+    feed = torch.randint(2, V, (2, 4), generator=gen)
+    with torch.inference_mode():
+        plain = _decoded(model, prompts, feed, fast=False)
+        fused = _decoded(model, prompts, feed, fast=True)
+        for i, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt + feed[i].tolist()])).logits[0, len(prompt) - 1 :]
+            torch.testing.assert_close(plain[i], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)

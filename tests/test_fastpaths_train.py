@@ -1,7 +1,8 @@
 """Training fast paths against the plain path: same loss, same gradients (float tolerance).
 
-Fast paths: one matmul for the attention projections (`fused_linear`), the output head fused
-with the cross-entropy (`linear_cross_entropy`, `return_logits=False`), and activation
+Fast paths (`FastPaths`, set per model): one matmul for the attention projections
+(`fused_linear`), the output head fused with the cross-entropy (`linear_cross_entropy`,
+`logits=None`), the MoE routing weights applied before `down_proj`; and activation
 checkpointing (bit-identical gradients, MoE load counts not counted twice), and training
 under `torch.compile` (`pretrain.compile`; MoE experts through the `stacklab::grouped_mm` op).
 """
@@ -12,30 +13,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stacklab.model import layers, moe
+from stacklab.model import moe
+from stacklab.model.config import FastPaths, MoEConfig, TransformerConfig
 from stacklab.model.layers import fused_linear, linear_cross_entropy
 from stacklab.model.transformer import build_model
-from stacklab.recipe import ModelConfig, PretrainConfig, load_recipe
+from stacklab.recipe import PretrainConfig, load_recipe
 from stacklab.train.pretrain import pretrain_config
 
 VOCAB = 97
 SMALL = {"depth": 2, "d_model": 32, "head_dim": 8, "n_heads": 4, "n_kv_heads": 2}
 CONFIGS = {
-    "dense": ModelConfig(**SMALL),
-    "moe_aux_loss": ModelConfig(
-        **SMALL, moe={"enabled": True, "num_experts": 4, "top_k": 2, "first_k_dense": 1}
+    "dense": TransformerConfig(**SMALL),
+    "moe_aux_loss": TransformerConfig(
+        **SMALL, moe=MoEConfig(enabled=True, num_experts=4, top_k=2, first_k_dense=1)
     ),
-    "moe_sigmoid_shared": ModelConfig(
+    "moe_sigmoid_shared": TransformerConfig(
         **SMALL,
         tie_embeddings=False,
-        moe={
-            "enabled": True,
-            "num_experts": 8,
-            "top_k": 3,
-            "router": "sigmoid",
-            "num_shared_experts": 1,
-            "balance": "aux_free",
-        },
+        moe=MoEConfig(
+            enabled=True,
+            num_experts=8,
+            top_k=3,
+            router="sigmoid",
+            num_shared_experts=1,
+            balance="aux_free",
+        ),
     ),
 }
 
@@ -51,22 +53,17 @@ def _batch(rows: int = 3, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def _loss_and_grads(
     name: str,
     fast: bool,
-    return_logits: bool = True,
+    loss_only: bool = False,
     checkpointing: bool = False,
     compiled: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(0)
-    model = build_model(CONFIGS[name], VOCAB).train()
+    model = build_model(CONFIGS[name], VOCAB, FastPaths(fused=fast)).train()
     model.set_activation_checkpointing(checkpointing)
     call = torch.compile(model) if compiled else model
     x, y = _batch()
-    before = layers.FAST_PATHS
-    layers.FAST_PATHS = fast
-    try:
-        out = call(x, y, return_logits=return_logits)
-        (out.loss + out.aux_loss).backward()
-    finally:
-        layers.FAST_PATHS = before
+    out = call(x, y, logits=None if loss_only else "all")
+    (out.loss + out.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     counts = [m.expert_counts.clone() for m in model.moe_layers()]
     loss = (out.loss + out.aux_loss).detach()
@@ -76,7 +73,7 @@ def _loss_and_grads(
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_paths_give_the_plain_loss_and_gradients(name: str) -> None:
     plain_loss, plain_grads, plain_counts = _loss_and_grads(name, fast=False)
-    fast_loss, fast_grads, fast_counts = _loss_and_grads(name, fast=True, return_logits=False)
+    fast_loss, fast_grads, fast_counts = _loss_and_grads(name, fast=True, loss_only=True)
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert sorted(fast_grads) == sorted(plain_grads)
     for n in plain_grads:
@@ -88,25 +85,22 @@ def test_loss_only_forward_returns_no_logits_and_the_same_loss_without_grad() ->
     torch.manual_seed(0)
     model = build_model(CONFIGS["dense"], VOCAB)
     x, y = _batch()
-    out = model(x, y, return_logits=False)
+    out = model(x, y, logits=None)
     assert out.logits is None
     with torch.no_grad():  # no gradient wanted: the plain computation
-        torch.testing.assert_close(model(x, y, return_logits=False).loss, model(x, y).loss)
+        torch.testing.assert_close(model(x, y, logits=None).loss, model(x, y).loss)
     torch.testing.assert_close(out.loss.detach(), model(x, y).loss.detach())
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_linear_cross_entropy_matches_for_any_chunk(
-    chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_linear_cross_entropy_matches_for_any_chunk(chunk: int) -> None:
     vocab = 13
-    monkeypatch.setattr(layers, "LOGITS_CHUNK_ELEMENTS", chunk * vocab)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(11, 6, generator=gen, requires_grad=True)
     w = torch.randn(vocab, 6, generator=gen, requires_grad=True)
     t = torch.randint(0, vocab, (11,), generator=gen)
     t[[2, 7]] = -100
-    (2.5 * linear_cross_entropy(x, w, t)).backward()  # the upstream gradient is applied
+    (2.5 * linear_cross_entropy(x, w, t, chunk * vocab)).backward()  # upstream gradient applied
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
     (2.5 * F.cross_entropy(F.linear(x, w), t, ignore_index=-100)).backward()
@@ -159,9 +153,9 @@ def test_compiled_training_gives_the_eager_loss_gradients_and_counts(
     name: str, checkpointing: bool
 ) -> None:
     torch._dynamo.reset()
-    loss, grads, counts = _loss_and_grads(name, fast=True, return_logits=False)
+    loss, grads, counts = _loss_and_grads(name, fast=True, loss_only=True)
     c_loss, c_grads, c_counts = _loss_and_grads(
-        name, fast=True, return_logits=False, checkpointing=checkpointing, compiled=True
+        name, fast=True, loss_only=True, checkpointing=checkpointing, compiled=True
     )
     torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
     assert sorted(c_grads) == sorted(grads)

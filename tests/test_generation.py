@@ -6,17 +6,19 @@ import pytest
 import torch
 
 from stacklab.envs.rollout import Episode
+from stacklab.model.config import MoEConfig, TransformerConfig
 from stacklab.model.generation import filter_logits, generate, sample_next
 from stacklab.model.transformer import build_model
-from stacklab.recipe import ModelConfig, MoEConfig, RLConfig
-from stacklab.rl.trainer import Batch, pad_episodes, token_logprobs, update
+from stacklab.recipe import RLConfig
+from stacklab.rl.trainer import RolloutBatch, pad_episodes, token_logprobs, update
+from stacklab.train.trainer import OptimizerStep
 
 V = 97
 
 
 def tiny_model(moe: bool = False):
     torch.manual_seed(0)
-    cfg = ModelConfig(
+    cfg = TransformerConfig(
         depth=2,
         aspect=32,
         head_dim=16,
@@ -171,10 +173,11 @@ def test_sampler_logprobs_equal_the_rl_trainers(prompts, temperature: float) -> 
     # The trainer's logged drift, before any update (the optimizer's rate is 0).
     n = len(episodes)
     cfg = RLConfig(temperature=temperature, minibatch_size=n)
-    batch = Batch(episodes, ["tasks"] * n, torch.zeros(n), torch.zeros(n), 1, 0, 0)
+    batch = RolloutBatch(episodes, ["tasks"] * n, torch.zeros(n), torch.zeros(n), 1, 0, 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    stats = update(model, None, optimizer, scheduler, batch, cfg, seed=0, step=1)
+    optimizer_step = OptimizerStep(model, optimizer, scheduler, cfg.grad_clip)
+    stats = update(model, None, optimizer_step, batch, cfg, seed=0, step=1)
     assert stats["logprob_drift"] < 1e-5
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from stacklab.integrate.engine import integrate
+from stacklab.integrate.record import FilesCode
 
 pytestmark = pytest.mark.slow
 
@@ -43,25 +44,24 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = integrate(tmp_path / "round.yaml", out)
     d = result.decision
-    assert d["runs"]["failed"] == 0 and d["runs"]["executed"] >= 4
+    assert d.runs.failed == 0 and d.runs.executed >= 4
     # Each run is keyed by the stacklab version and the build code, not by the recipe alone.
-    code = d["code"]["baseline"]
-    assert code["kind"] == "stacklab" and code["covers"].startswith("stacklab 0.1.0 + ")
-    assert "stacklab/train/pretrain.py" in code["files"] or any(
-        f.endswith("train/pretrain.py") for f in code["files"]
+    code = d.code.baseline
+    assert isinstance(code, FilesCode)
+    assert code.kind == "stacklab" and code.covers.startswith("stacklab 0.1.0 + ")
+    assert "stacklab/train/pretrain.py" in code.files or any(
+        f.endswith("train/pretrain.py") for f in code.files
     )
-    assert {row["id"] for row in d["decisions"]} == {"muon", "wsd-schedule"}
+    assert {row.id for row in d.decisions} == {"muon", "wsd-schedule"}
     # One seed per recipe leaves no noise estimate: nothing can be shown, so nothing is
     # accepted on it (undecided, or shelved by a guardrail or a choice).
-    assert d["selected"] == []
-    assert all(
-        row["status"] in ("shelved", "undecided") and row["reason"] for row in d["decisions"]
-    )
+    assert d.selected == []
+    assert all(row.status in ("shelved", "undecided") and row.reason for row in d.decisions)
     for name in ("decision.json", "report.md", "report.html"):
         assert (out / name).stat().st_size > 0
     # Every finished run is a real build: its own metrics, recipe and stage links.
     run_dirs = [p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert len(run_dirs) == d["runs"]["executed"]
+    assert len(run_dirs) == d.runs.executed
     for run in run_dirs:
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["val_bpb"] > 0 and metrics["pretrain/tokens"] == 3 * 2 * 256
@@ -70,7 +70,7 @@ def test_round_of_real_builds_decides_and_resumes(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "corpus").glob("*/"))) == 1
     stamps = {run.name: (run / "metrics.json").stat().st_mtime_ns for run in run_dirs}
     again = integrate(tmp_path / "round.yaml", out).decision
-    assert again["selected"] == d["selected"] and again["runs"] == d["runs"]
+    assert again.selected == d.selected and again.runs == d.runs
     after = [p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert {run.name: (run / "metrics.json").stat().st_mtime_ns for run in after} == stamps
 
@@ -93,9 +93,9 @@ def test_a_ladder_of_real_builds_runs_each_rung(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     d = integrate(tmp_path / "round.yaml", out).decision
-    assert d["runs"]["failed"] == 0
-    s, m = d["ladder"]["rungs"]
-    assert s["runs"] > 0 and m["runs"] > 0 and d["ladder"]["units_used"] <= 36
+    assert d.runs.failed == 0 and d.ladder is not None
+    s, m = d.ladder.rungs
+    assert s.runs > 0 and m.runs > 0 and d.ladder.units_used <= 36
     depths = set()
     for run in (p for p in (out / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")):
         metrics = json.loads((run / "metrics.json").read_text())
@@ -103,5 +103,5 @@ def test_a_ladder_of_real_builds_runs_each_rung(tmp_path: Path) -> None:
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         depths.add((recipe["model"]["depth"], steps))
     assert depths == {(1, 3), (2, 4)}
-    (muon,) = d["decisions"]
-    assert muon["rung"] in ("s", "m") and muon["transfer"]["rungs"]
+    (muon,) = d.decisions
+    assert muon.rung in ("s", "m") and muon.transfer is not None and muon.transfer.rungs

@@ -226,7 +226,7 @@ def test_a_recipe_baseline_behaves_as_before(tmp_path: Path) -> None:
     keys = baseline.keys()
     assert "optim.lr" in keys and "model.moe.top_k" in keys
     assert baseline.check({"optim.lr": "3e-3"}, Path("c.yaml")) == {"optim.lr": 0.003}
-    with pytest.raises(ContributionError, match=r"^c\.yaml: invalid patch: model\.depth: "):
+    with pytest.raises(ContributionError, match=r"^c\.yaml: invalid patch: key 'model\.depth': "):
         baseline.check({"model.depth": 0}, Path("c.yaml"))
     bad = write(tmp_path, "x.yaml", patch={"optim.lrr": 0.01})
     with pytest.raises(

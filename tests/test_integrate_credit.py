@@ -7,7 +7,8 @@ import pytest
 
 from stacklab.integrate.credit import banzhaf, credit_with_intervals, shapley
 from stacklab.integrate.effects import fit_effects
-from stacklab.integrate.select import Objective, utility_fn
+from stacklab.integrate.select import Objective
+from stacklab.integrate.utility import UtilityDraws
 
 BETA = [0.3, -0.2, 0.1, 0.05]
 GAMMA = {(0, 1): 0.06, (1, 3): 0.04}
@@ -118,7 +119,7 @@ def test_credit_intervals_come_from_the_joint_draws():
 
 def test_credit_for_the_utility_through_a_value_function():
     fit = fitted(noise=0.03, n_seeds=6, draws=200)
-    u = utility_fn({"bpb": fit}, [Objective("bpb", "min", weight=1.0, scale=0.5)])
+    u = UtilityDraws({"bpb": fit}, [Objective("bpb", "min", weight=1.0, scale=0.5)])
     by_utility = credit_with_intervals(u, final=[0, 1], shelved=[2])
     by_fit = credit_with_intervals(fit, final=[0, 1], shelved=[2])
     for i in (0, 1, 2):  # utility = -delta / 0.5

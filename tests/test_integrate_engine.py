@@ -106,7 +106,7 @@ def test_round_loads_and_resolves(tmp_path: Path) -> None:
         (("seeds: 2", "seds: 2"), r"unknown key 'seds'; did you mean 'seeds'\?"),
         (("{seed}", "{sed}"), r"key 'runner.command': unknown placeholder \{sed\}"),
         (("--out '{out}' ", ""), r"key 'runner.command': the command must pass \{out\}"),
-        (("kind: external", "kind: docker"), r"key 'runner': Input tag 'docker'"),
+        (("kind: external", "kind: docker"), r"key 'runner': unknown 'kind' 'docker'; valid: 'b"),
         (("direction: min}", "direction: down}"), r"key 'objectives.1.direction'"),
         (("seeds: 2", "seeds: [1, 1]"), r"key 'seeds': .*seeds repeat"),
         (("baseline: tiny", "baseline: nope.yaml"), r"round.yaml: baseline: recipe file not found"),
@@ -475,24 +475,24 @@ def test_html_report_is_self_contained_and_balanced(report_round) -> None:
     assert page.count("<svg") == 3  # effects, interactions, credit (one metric: no Pareto plot)
     assert "author-of-alpha" in page and "optim.lr" in page  # credit table; a recipe diff
     # Decisions: one tbody each, its status coloured, and the comparisons behind it.
-    assert page.count("<tbody class='decision'>") == len(d["decisions"])
-    for row in d["decisions"]:
-        assert f"<td class='{row['status']}'>{row['status']}" in page
-    evidence = [x for row in d["decisions"] for x in row["evidence"]]
+    assert page.count("<tbody class='decision'>") == len(d.decisions)
+    for row in d.decisions:
+        assert f"<td class='{row.status}'>{row.status}" in page
+    evidence = [x for row in d.decisions for x in row.evidence]
     assert evidence and page.count("<table class='ev'>") == sum(
-        bool(row["evidence"]) for row in d["decisions"]
+        bool(row.evidence) for row in d.decisions
     )
-    assert f"{100 * evidence[0]['level']:.3g}%" in page
+    assert f"{100 * evidence[0].level:.3g}%" in page
     assert "alone vs the baseline" in page  # a - b in words
     # The rules, the noise floor and power, the confirmation plan, the guardrails.
     assert "rests on direct seed-paired comparisons" in page
-    assert "80% power" in page and f"{d['min_effect']:.3g}" in page
-    assert f"up to {d['confirmation']['looks']} looks" in page
-    for metric, sd in d["noise_floor"].items():
+    assert "80% power" in page and f"{d.min_effect:.3g}" in page
+    assert f"up to {d.confirmation.looks} looks" in page
+    for metric, sd in d.noise_floor.items():
         assert f"<td>{metric}</td><td class='num'>{sd:.3g}</td>" in page
-    if d["guardrail_checks"]:
-        check = d["guardrail_checks"][0]
-        assert f"<td class='{check['state']}'>{check['state']}</td>" in page
+    if d.guardrail_checks:
+        check = d.guardrail_checks[0]
+        assert f"<td class='{check.state}'>{check.state}</td>" in page
     # The effects picture is the model's; false-discovery control is gone.
     assert "false-discovery" not in page and "the picture is the model's" in page.lower()
     md = (out / "report.md").read_text()
@@ -501,14 +501,15 @@ def test_html_report_is_self_contained_and_balanced(report_round) -> None:
 
 
 def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
-    """An undecided contribution gets its own line and colour; null ends print as n/a."""
-    import copy
+    """An undecided contribution gets its own line and colour; a null end prints as an
+    unbounded one (-inf, +inf, as the reasons print it), an unknown number as n/a."""
     import dataclasses
 
+    from stacklab.integrate.record import DecisionRecord
     from stacklab.integrate.report import html_page, markdown
 
     result, _ = report_round
-    d = copy.deepcopy(result.decision)
+    d = result.decision.model_dump(mode="json")
     row = d["decisions"][0]
     reason = "undecided: added to the final recipe quality +0.2 [-0.4, +0.8]; about 6 more runs"
     row.update(status="undecided", kind="undecided", reason=reason)
@@ -541,13 +542,13 @@ def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
             "text": "margin of the change in quality over the allowed -0.01 +0.1 [n/a, n/a]",
         }
     ]
-    odd = dataclasses.replace(result, decision=d)
+    odd = dataclasses.replace(result, decision=DecisionRecord.model_validate(d))
     page = html_page(odd)
     assert _balanced(page) == []
     assert "<b class='undecided'>Undecided</b>" in page
     assert "<td class='undecided'>undecided" in page and ".undecided,.open{color:" in page
     assert "together, beyond the sum of each alone" in page
-    assert "-1 [n/a, n/a]" in page and "+0.1 [n/a, n/a]" in page
+    assert "-1 [-inf, +inf]" in page and "+0.1 [-inf, +inf]" in page
     assert "<td>may fall at most 0.01</td><td class='open'>open</td>" in page
     assert "detected with 80% power on 6 confirmation seeds" in page and "nan" not in page
     md = markdown(odd)
@@ -566,7 +567,7 @@ def test_relative_out_works_from_another_folder(tmp_path: Path, monkeypatch) -> 
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     result = integrate(round_file, "out", console=Console(file=io.StringIO()))
-    assert result.decision["runs"]["failed"] == 0
+    assert result.decision.runs.failed == 0
     assert (tmp_path / "here" / "out" / "decision.json").is_file()
 
 

@@ -8,7 +8,6 @@ hurts, `comment` changes no number.
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from rich.console import Console
 from integrate_sim.trainer_repo import commit_on, edit, git, make_repo, write_round
 from stacklab.integrate import gitrepo
 from stacklab.integrate.engine import integrate
+from stacklab.integrate.record import DecisionRecord, FilesCode
 from stacklab.integrate.round import RoundError, load_round
 from stacklab.integrate.store import RunStore
 from stacklab.integrate.workspace import WorkspaceError
@@ -47,8 +47,8 @@ def trainer_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return log
 
 
-def reasons(d: dict) -> dict[str, str]:
-    return {row["id"]: row["reason"] for row in d["decisions"]}
+def reasons(d: DecisionRecord) -> dict[str, str]:
+    return {row.id: row.reason for row in d.decisions}
 
 
 # --------------------------------------------------------------------------- a whole round
@@ -59,23 +59,21 @@ def test_a_round_over_branches_decides_and_shows_the_code(
 ) -> None:
     out = tmp_path / "out"
     d = integrate(write_round(tmp_path / "round", repo), out, console=quiet()).decision
-    assert d["selected"] == ["gain", "gelu", "lr"]
+    assert d.selected == ["gain", "gelu", "lr"]
     assert reasons(d)["silu"].startswith(
         "conflicts with gelu: both change model.py line 7 (a choice group)"
     )
-    assert next(r for r in d["decisions"] if r["id"] == "comment")["status"] == "shelved"
+    assert d.decision("comment").status == "shelved"
     # Which code: the base, each change's files and diffstat, and every run's tree.
-    code = d["code"]
-    assert code["base"]["ref"] == "main"
-    assert code["base"]["commit"] == git(repo, "rev-parse", "main")
-    assert code["changes"]["lr"]["files"] == ["train.toml"]
-    assert (
-        code["changes"]["gain"]["insertions"] == 1
-        and "model.py" in code["changes"]["gain"]["diffstat"]
-    )
-    assert d["runs"]["stale"] == 0 and d["stale"] == {}
+    code = d.code
+    assert code.base is not None and code.changes is not None
+    assert code.base.ref == "main"
+    assert code.base.commit == git(repo, "rev-parse", "main")
+    assert code.changes["lr"].files == ["train.toml"]
+    assert code.changes["gain"].insertions == 1 and "model.py" in code.changes["gain"].diffstat
+    assert d.runs.stale == 0 and d.stale == {}
     # Every trained combination ran exactly once (the log names code and config).
-    assert sum(log_lines(trainer_log).values()) == d["runs"]["executed"]
+    assert sum(log_lines(trainer_log).values()) == d.runs.executed
     assert max(log_lines(trainer_log).values()) == 1
     # The config each run read: TOML with its comments, lr patched by the `lr` branch's tree.
     for run_dir in (out / "runs").iterdir():
@@ -109,10 +107,10 @@ def test_runs_execute_in_the_subsets_tree(tmp_path: Path, repo: Path, trainer_lo
         git(repo, "rebase", "-q", "main")
     git(repo, "checkout", "-q", "main")
     d = integrate(rnd_file, tmp_path / "out", console=quiet()).decision
-    assert d["runs"]["failed"] == 0 and d["selected"] == ["gain", "gelu", "lr"]
+    assert d.runs.failed == 0 and d.selected == ["gain", "gelu", "lr"]
     trees = {p.name for p in (tmp_path / "out" / "trees").iterdir()}
-    runs = json.loads((tmp_path / "out" / "decision.json").read_text())["runs"]
-    assert runs["executed"] > len(trees) > 5  # one export per tree, shared by its runs
+    runs = DecisionRecord.model_validate_json((tmp_path / "out" / "decision.json").read_text()).runs
+    assert runs.executed > len(trees) > 5  # one export per tree, shared by its runs
 
 
 # --------------------------------------------------------------------------- provenance
@@ -133,16 +131,16 @@ def test_a_changed_line_reruns_what_it_can_affect_and_reuses_nothing_stale(
         integrate(rnd_file, out, console=quiet())
     rnd_file.write_text(good)
     with RunStore(f"sqlite:///{out / 'runs.db'}", reset_stale=False) as store:
-        assert len(store.runs(status="done")) == first["runs"]["executed"]
+        assert len(store.runs(status="done")) == first.runs.executed
     second = integrate(rnd_file, out, console=quiet()).decision
     trained = log_lines(trainer_log)
     assert max(trained.values()) == 1  # no config and code trained twice: nothing re-run
-    assert second["selected"] == first["selected"]
-    assert second["runs"]["stale"] > 0
-    (reason,) = second["stale"]
+    assert second.selected == first.selected
+    assert second.runs.stale > 0
+    (reason,) = second.stale
     assert reason.startswith("gain moved (") and " -> " in reason
     new = [line for line in trained if line.startswith("0.31 ")]
-    assert len(new) >= second["runs"]["stale"]  # every stale run was trained again
+    assert len(new) >= second.runs.stale  # every stale run was trained again
     # Only runs of subsets with `gain` went stale: a stored run whose key is not what its
     # subset resolves to now was made by the old `gain`.
     rnd = load_round(rnd_file, out)
@@ -154,7 +152,7 @@ def test_a_changed_line_reruns_what_it_can_affect_and_reuses_nothing_stale(
         for r in runs
         if rnd.workspace.resolve(frozenset(back[b] for b in r.subset)).run_hash != r.recipe_hash
     ]
-    assert len(stale) == second["runs"]["stale"]
+    assert len(stale) == second.runs.stale
     assert all(rnd.blind["gain"] in r.subset for r in stale)
 
 
@@ -186,19 +184,17 @@ def test_a_changed_trainer_without_git_sets_old_runs_aside(
     )
     out = tmp_path / "out"
     first = integrate(folder / "round.yaml", out, console=quiet()).decision
-    assert first["code"]["baseline"]["covers"] == "model.py, train.py + the command"
+    assert isinstance(first.code.baseline, FilesCode)
+    assert first.code.baseline.covers == "model.py, train.py + the command"
     again = integrate(folder / "round.yaml", out, console=quiet()).decision
-    assert (
-        again["runs"]["stale"] == 0
-        and sum(log_lines(trainer_log).values()) == (first["runs"]["executed"])
-    )
+    assert again.runs.stale == 0 and sum(log_lines(trainer_log).values()) == first.runs.executed
     before = trainer_log.read_text().splitlines()
     edit(folder, "model.py", "GAIN = 0.0", "GAIN = 0.01")
     third = integrate(folder / "round.yaml", out, console=quiet()).decision
-    assert third["stale"] == {"model.py changed": third["runs"]["stale"]}
-    assert third["runs"]["stale"] >= first["runs"]["executed"] - 6  # all but a few re-asked
+    assert third.stale == {"model.py changed": third.runs.stale}
+    assert third.runs.stale >= first.runs.executed - 6  # all but a few re-asked
     new = trainer_log.read_text().splitlines()[len(before) :]
-    assert len(new) == third["runs"]["executed"]  # every run of the third trained anew...
+    assert len(new) == third.runs.executed  # every run of the third trained anew...
     assert all(line.startswith("0.01 ") for line in new)  # ...with the new model.py
 
 

@@ -48,9 +48,9 @@ from integrate_sim.scenarios import (
     write_round,
 )
 from stacklab.integrate.engine import integrate
-from stacklab.recipe import load_recipe, resolve_recipe_path
+from stacklab.recipe import load_recipe
 
-TINY: dict[str, Any] = load_recipe(resolve_recipe_path("tiny")).model_dump(mode="json")
+TINY: dict[str, Any] = load_recipe("tiny").model_dump(mode="json")
 
 
 def recipe_for(scenario: Scenario, ids: set[str] | frozenset[str], rung: str | None) -> dict:
@@ -303,10 +303,6 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
-def decisions_by_id(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {d["id"]: d for d in decision["decisions"]}
-
-
 def test_ladder_shelves_a_change_that_flips_and_keeps_one_that_holds(tmp_path: Path) -> None:
     """ladder_basic: flip helps the depth-2 model and hurts the depth-4 one. A round at s
     alone would take it; the ladder measures it again at m, on seeds of its own, and shelves
@@ -315,31 +311,31 @@ def test_ladder_shelves_a_change_that_flips_and_keeps_one_that_holds(tmp_path: P
     budget = 200
     round_file = write_round(tmp_path / "round", scenario, budget=budget)
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    by_id = decisions_by_id(d)
 
-    flip = by_id["flip"]
-    assert flip["status"] == "shelved" and flip["kind"] == scenario.kinds["flip"]
-    assert flip["rung"] == "m"
-    assert re.search(r"\bat s\b", flip["reason"]) and re.search(r"\bat m\b", flip["reason"])
-    assert flip["transfer"]["pattern"] == "flips" and flip["transfer"]["sign_changed"]
-    verdicts = {r["rung"]: r["verdict"] for r in flip["transfer"]["rungs"]}
+    flip = d.decision("flip")
+    assert flip.status == "shelved" and flip.kind == scenario.kinds["flip"]
+    assert flip.rung == "m" and flip.transfer is not None
+    assert re.search(r"\bat s\b", flip.reason) and re.search(r"\bat m\b", flip.reason)
+    assert flip.transfer.pattern == "flips" and flip.transfer.sign_changed
+    verdicts = {r.rung: r.verdict for r in flip.transfer.rungs}
     assert verdicts == {"s": "accept", "m": "harm"}
-    seeds = {r["rung"]: set(r["seeds"]) for r in flip["transfer"]["rungs"]}
+    seeds = {r.rung: set(r.seeds) for r in flip.transfer.rungs}
     assert not seeds["s"] & seeds["m"]  # the larger rung runs on seeds of its own
 
-    steady = by_id["steady"]
-    assert steady["status"] == "accepted" and steady["rung"] == "m"
-    assert steady["transfer"]["pattern"] == "holds"
-    assert "steady" in d["selected"] and "flip" not in d["selected"]
-    assert "shrink" not in d["selected"]  # a fifth of a noise sd at m: not worth keeping
-    assert {x["rung"] for x in d["decisions"]} <= {"s", "m"}
+    steady = d.decision("steady")
+    assert steady.status == "accepted" and steady.rung == "m"
+    assert steady.transfer is not None and steady.transfer.pattern == "holds"
+    assert "steady" in d.selected and "flip" not in d.selected
+    assert "shrink" not in d.selected  # a fifth of a noise sd at m: not worth keeping
+    assert {x.rung for x in d.decisions} <= {"s", "m"}
 
-    ladder = d["ladder"]
-    assert ladder["units_used"] <= budget == ladder["budget_units"]
-    rungs = {r["name"]: r for r in ladder["rungs"]}
-    assert (rungs["s"]["cost"], rungs["m"]["cost"]) == (1.0, 4.0)
-    assert sum(r["units_used"] for r in ladder["rungs"]) == ladder["units_used"]
-    assert "flip" in rungs["s"]["chosen"]  # a round at s alone would have taken it
+    ladder = d.ladder
+    assert ladder is not None
+    assert ladder.units_used <= budget == ladder.budget_units
+    rungs = {r.name: r for r in ladder.rungs}
+    assert (rungs["s"].cost, rungs["m"].cost) == (1.0, 4.0)
+    assert sum(r.units_used for r in ladder.rungs) == ladder.units_used
+    assert "flip" in rungs["s"].chosen  # a round at s alone would have taken it
 
 
 def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: Path) -> None:
@@ -349,18 +345,19 @@ def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: 
     scenario = lr_confound()
     plain = write_round(tmp_path / "plain", scenario, budget=200)
     d = integrate(plain, tmp_path / "plain-out", console=quiet()).decision
-    assert set(d["selected"]) == best_at(scenario, "m") == {"qkn", "lrup"}
+    assert set(d.selected) == best_at(scenario, "m") == {"qkn", "lrup"}
 
     tuning = {"key": "optim.lr", "factors": [0.5, 1.0, 2.0], "seeds": 2}
     tuned = write_round(tmp_path / "tuned", scenario, budget=200, lr_tuning=tuning)
     d = integrate(tuned, tmp_path / "tuned-out", console=quiet()).decision
-    assert set(d["selected"]) == scenario.best == best_at(scenario, "m", tuned=True)
-    lrup = decisions_by_id(d)["lrup"]
-    assert lrup["status"] == "shelved" and lrup["kind"] == scenario.kinds["lrup"]
-    assert lrup["rung"] == "m"
-    lr = d["ladder"]["lr_tuning"]
-    assert lr["rung"] == "m" and lr["baseline"]["best"] == lr["final"]["best"] == 0.006
-    assert d["ladder"]["units_used"] <= 200
+    assert set(d.selected) == scenario.best == best_at(scenario, "m", tuned=True)
+    lrup = d.decision("lrup")
+    assert lrup.status == "shelved" and lrup.kind == scenario.kinds["lrup"]
+    assert lrup.rung == "m"
+    assert d.ladder is not None and d.ladder.lr_tuning is not None
+    lr = d.ladder.lr_tuning
+    assert lr.rung == "m" and lr.baseline.best == lr.final.best == 0.006
+    assert d.ladder.units_used <= 200
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ tests/test_integrate_ladder.py; the Ray executor runs a ladder in tests/test_int
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,16 @@ from rich.console import Console
 from integrate_sim.scenarios import small, write_round
 from stacklab.integrate.engine import integrate
 from stacklab.integrate.ladder import _on_shared_seeds, _pattern, _tau_interval
+from stacklab.integrate.record import DecisionRecord
 from stacklab.integrate.round import RoundError, load_round
 from stacklab.integrate.store import RunStore
-from test_integrate_simulation import comparable, config_and_seed, log_counts, run_engine
+from test_integrate_simulation import (
+    comparable,
+    config_and_seed,
+    log_counts,
+    read_decision,
+    run_engine,
+)
 
 RUNGS = [
     {"name": "s", "patch": {"model.depth": 2}},
@@ -155,41 +161,42 @@ def test_kendall_tau_between_rungs_with_a_seed_bootstrap() -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> DecisionRecord:
     root = tmp_path_factory.mktemp("ladder-reference")
     round_file = write_round(root / "round", small(), budget=120, scales=RUNGS)
     return integrate(round_file, root / "out", console=quiet()).decision
 
 
-def test_a_ladder_decides_at_its_top_rung_and_reports_transfer(reference: dict) -> None:
+def test_a_ladder_decides_at_its_top_rung_and_reports_transfer(
+    reference: DecisionRecord,
+) -> None:
     d = reference
-    ladder = d["ladder"]
-    assert [r["name"] for r in ladder["rungs"]] == ["s", "m"]
-    s, m = ladder["rungs"]
-    assert s["units_used"] + m["units_used"] == ladder["units_used"] <= 120
-    assert m["units_used"] == 2 * m["runs"] and s["units_used"] == s["runs"]
-    assert m["chosen"] == s["final"] and m["runs"] > 0
-    assert set(d["selected"]) == {"alpha", "beta"}
-    by_id = {x["id"]: x for x in d["decisions"]}
+    ladder = d.ladder
+    assert ladder is not None
+    assert [r.name for r in ladder.rungs] == ["s", "m"]
+    s, m = ladder.rungs
+    assert s.units_used + m.units_used == ladder.units_used <= 120
+    assert m.units_used == 2 * m.runs and s.units_used == s.runs
+    assert m.chosen == s.final and m.runs > 0
+    assert set(d.selected) == {"alpha", "beta"}
     for cid in ("alpha", "beta"):  # the same truth at both rungs: the gain holds
-        x = by_id[cid]
-        assert x["rung"] == "m" and x["transfer"]["pattern"] == "holds"
-        assert [r["rung"] for r in x["transfer"]["rungs"]] == ["s", "m"]
-        assert x["reason"].startswith("at rung m: gain inside the final recipe")
+        x = d.decision(cid)
+        assert x.rung == "m" and x.transfer is not None and x.transfer.pattern == "holds"
+        assert [r.rung for r in x.transfer.rungs] == ["s", "m"]
+        assert x.reason.startswith("at rung m: gain inside the final recipe")
     # delta conflicts with beta (at every rung): shelved wherever it was last compared
-    assert by_id["delta"]["status"] == "shelved" and by_id["delta"]["kind"] in (
-        "conflict",
-        "vanishes",
-        "no_transfer",
-    )
-    (agreement,) = ladder["agreement"]
-    assert agreement["from"] == "s" and agreement["to"] == "m" and agreement["subsets"] >= 3
-    assert agreement["verdicts_confirmed"] <= agreement["verdicts_compared"]
-    assert {b.get("rung") for b in d["batches"]} == {"s", "m"}
+    delta = d.decision("delta")
+    assert delta.status == "shelved" and delta.kind in ("conflict", "vanishes", "no_transfer")
+    (agreement,) = ladder.agreement
+    assert agreement.from_ == "s" and agreement.to == "m" and agreement.subsets >= 3
+    assert agreement.verdicts_confirmed <= agreement.verdicts_compared
+    assert {b.rung for b in d.batches} == {"s", "m"}
 
 
 @pytest.mark.slow
-def test_a_killed_ladder_resumes_with_no_run_repeated(tmp_path: Path, reference: dict) -> None:
+def test_a_killed_ladder_resumes_with_no_run_repeated(
+    tmp_path: Path, reference: DecisionRecord
+) -> None:
     """Killed at the top rung (the 50th finished run: the first rung uses about 40)."""
     scenario = small()
     log = tmp_path / "runs.log"
@@ -202,8 +209,7 @@ def test_a_killed_ladder_resumes_with_no_run_repeated(tmp_path: Path, reference:
         depths = {r.recipe["model"]["depth"] for r in store.runs(status="done")}
     assert depths == {2, 4}, "the kill must land at the top rung"
     assert run_engine(round_file, out) == 0
-    resumed = json.loads((out / "decision.json").read_text())
-    assert comparable(resumed) == comparable(reference)
+    assert comparable(read_decision(out)) == comparable(reference)
     counts = log_counts(log)
     assert all(counts[k] == 1 for k in done_before)
 
@@ -212,10 +218,11 @@ def test_a_measured_cost_prices_the_rung_from_run_times(tmp_path: Path) -> None:
     rungs = [RUNGS[0], {"name": "m", "patch": {"model.depth": 4}}]
     round_file = write_round(tmp_path / "round", small(), budget=120, scales=rungs)
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    m = d["ladder"]["rungs"][1]
-    assert m["cost_source"] == "measured" and m["cost"] > 0
-    assert m["budget_runs"] == int(m["budget_units"] // m["cost"])
-    assert any(b["purpose"] == "probe" and b["rung"] == "m" for b in d["batches"])
+    assert d.ladder is not None
+    m = d.ladder.rungs[1]
+    assert m.cost_source == "measured" and m.cost > 0
+    assert m.budget_runs == int(m.budget_units // m.cost)
+    assert any(b.purpose == "probe" and b.rung == "m" for b in d.batches)
 
 
 def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: Path) -> None:
@@ -229,18 +236,19 @@ def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: 
         lr_tuning={"key": "optim.lr", "factors": [0.5, 1.0, 2.0], "seeds": 2},
     )
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    tuning = d["ladder"]["lr_tuning"]
-    assert tuning["key"] == "optim.lr" and tuning["rung"] == "m"
-    assert tuning["values"] == pytest.approx([0.0015, 0.003, 0.006])
-    assert len(tuning["seeds"]) == 2 and {"alpha", "beta"} <= set(tuning["recipe"])
-    by_id = {x["id"]: x for x in d["decisions"]}
-    assert by_id["beta"]["status"] == "shelved" and by_id["beta"]["kind"] == "lr_only"
-    assert "only a learning-rate change" in by_id["beta"]["reason"]
-    assert by_id["alpha"]["status"] == "accepted" and by_id["alpha"]["rung"] == "m"
-    grid = [b for b in d["batches"] if b["purpose"] == "lr-grid"]
-    assert [b["lr"] for b in grid] == pytest.approx(tuning["values"])
-    confirm_seeds = {s for b in d["batches"] if b["purpose"] == "confirmation" for s in b["seeds"]}
-    assert not set(tuning["seeds"]) & confirm_seeds  # the grid's seeds judge nothing
+    assert d.ladder is not None and d.ladder.lr_tuning is not None
+    tuning = d.ladder.lr_tuning
+    assert tuning.key == "optim.lr" and tuning.rung == "m"
+    assert tuning.values == pytest.approx([0.0015, 0.003, 0.006])
+    assert len(tuning.seeds) == 2 and {"alpha", "beta"} <= set(tuning.recipe)
+    beta, alpha = d.decision("beta"), d.decision("alpha")
+    assert beta.status == "shelved" and beta.kind == "lr_only"
+    assert "only a learning-rate change" in beta.reason
+    assert alpha.status == "accepted" and alpha.rung == "m"
+    grid = [b for b in d.batches if b.purpose == "lr-grid"]
+    assert [b.lr for b in grid] == pytest.approx(tuning.values)
+    confirm_seeds = {s for b in d.batches if b.purpose == "confirmation" for s in b.seeds}
+    assert not set(tuning.seeds) & confirm_seeds  # the grid's seeds judge nothing
 
 
 # --------------------------------------------------------------------------- shipped rounds
@@ -287,6 +295,6 @@ def test_a_round_at_the_small_rung_alone_keeps_the_flip_the_ladder_shelves(
     for kind, rungs in [("ladder", scenario.scales), ("s-only", small_only)]:
         round_file = write_round(tmp_path / kind, scenario, budget=200, scales=rungs)
         decisions[kind] = integrate(round_file, tmp_path / kind / "out", console=quiet()).decision
-    assert "flip" in decisions["s-only"]["selected"]
-    assert "flip" not in decisions["ladder"]["selected"]
-    assert "steady" in decisions["ladder"]["selected"]
+    assert "flip" in decisions["s-only"].selected
+    assert "flip" not in decisions["ladder"].selected
+    assert "steady" in decisions["ladder"].selected

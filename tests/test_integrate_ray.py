@@ -230,7 +230,7 @@ def test_a_round_on_ray_decides_as_on_the_local_pool(tmp_path: Path) -> None:
             round_file, tmp_path / f"out-{kind}", console=Console(file=io.StringIO())
         )
         decisions[kind] = json.loads((tmp_path / f"out-{kind}" / "decision.json").read_text())
-        assert decisions[kind] == json.loads(json.dumps(result.decision))
+        assert decisions[kind] == result.decision.model_dump(mode="json")
     local, remote = decisions["local"], decisions["ray"]
     assert remote["runs"]["failed"] == 0 and remote["runs"]["executed"] > 10
     assert {"alpha", "beta"} <= set(remote["selected"]) and "delta" not in remote["selected"]

@@ -1,7 +1,8 @@
 """The report's "Scale ladder" section, from a hand-made decision.json with a ladder.
 
-No round is run: the section reads only the decision dict, so a stand-in result (the few
-attributes html_page touches when a round has no metrics) is enough.
+No round is run: the section reads only the decision record (built from a hand-made
+decision.json, checked by `DecisionRecord`), so a stand-in result (the few attributes
+html_page touches when a round has no metrics) is enough.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from stacklab.integrate.report import _ladder_md, _ladder_section, _ladder_svg, html_page, markdown
+from stacklab.integrate.record import DecisionRecord
+from stacklab.integrate.report import (
+    _ladder_md,
+    _ladder_section,
+    _ladder_svg,
+    html_page,
+    markdown,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -33,6 +41,7 @@ def _measure(
         "level": level,
         "utility": utility,
         "verdict": verdict,
+        "metrics": {},
     }
 
 
@@ -40,7 +49,7 @@ def _row(cid: str, status: str, kind: str, rung: str, transfer: dict[str, Any]) 
     return {
         "id": cid,
         "blind_id": f"c-{cid}",
-        "area": "model",
+        "area": "architecture",
         "summary": f"{cid} change",
         "status": status,
         "kind": kind,
@@ -65,11 +74,13 @@ def _ladder() -> dict[str, Any]:
                 "budget_units": 100.0,
                 "budget_runs": 100,
                 "runs": 96,
+                "units_used": 96.0,
                 "noise_floor": 0.05,
                 "chosen": ["alpha", "beta"],
                 "final": ["alpha", "beta"],
                 "close_calls": [],
                 "out_of_budget": False,
+                "note": None,
             },
             {
                 "name": "m",
@@ -80,11 +91,13 @@ def _ladder() -> dict[str, Any]:
                 "budget_units": 104.0,
                 "budget_runs": 26,
                 "runs": 21,
+                "units_used": 84.0,
                 "noise_floor": None,
                 "chosen": ["alpha", "beta"],
                 "final": ["alpha"],
                 "close_calls": ["gamma"],
                 "out_of_budget": True,
+                "note": None,
             },
         ],
         "agreement": [
@@ -155,25 +168,37 @@ def _decisions() -> list[dict[str, Any]]:
 def _decision(ladder: bool = True) -> dict[str, Any]:
     d: dict[str, Any] = {
         "round": "ladder-round",
+        "round_file": "round.yaml",
         "baseline": "base.yaml",
         "selected": ["alpha"],
+        "shelved": {"beta": "beta: see the ladder", "delta": "delta: see the ladder"},
         "undecided": {},
+        "decisions": _decisions(),
+        "credit": {},
+        "credit_table": [],
+        "runs": {
+            "executed": 117, "reused": 0, "failed": 0, "total": 117, "budget": 200, "stale": 0
+        },
+        "stale": {},
+        "code": {"baseline": {"code": "c0de", "kind": "files", "files": {}, "covers": ""}},
         "predicted": {"utility": [0.25, 0.05, 0.45]},
-        "guardrails": [],
-        "guardrail_checks": [],
-        "confirmation": {},
+        "objectives": [],
+        "scales": {},
         "min_effect": 0.05,
+        "level": 0.95,
         "noise_floor": {"utility": 0.1},
         "power": {"max_seeds": 8, "detectable_gain": 0.2},
-        "scales": {},
-        "objectives": [],
-        "runs": {"executed": 117, "reused": 0, "failed": 0, "budget": 200},
-        "stopped": "done",
-        "code": {},
-        "decisions": _decisions(),
-        "credit_table": [],
+        "guardrails": [],
+        "guardrail_checks": [],
+        "confirmation": {
+            "chosen": [], "final": [], "seeds": [], "looks": 0, "block": 0, "alpha": 0.05,
+            "levels": [], "attempts": [], "out_of_budget": False, "reserve": 0,
+        },
+        "pareto": [],
+        "stopped": "confident",
+        "batches": [],
         "notes": [],
-    }
+    }  # fmt: skip
     if ladder:
         d["ladder"] = _ladder()
     else:
@@ -182,13 +207,17 @@ def _decision(ladder: bool = True) -> dict[str, Any]:
     return d
 
 
+def record(d: dict[str, Any]) -> DecisionRecord:
+    return DecisionRecord.model_validate(d)
+
+
 def _result(d: dict[str, Any]) -> SimpleNamespace:
     """What markdown and html_page read of a RoundResult, for a round with no metrics."""
     workspace = SimpleNamespace(resolve=lambda subset: SimpleNamespace(data={}))
     rnd = SimpleNamespace(
         name=d["round"], metrics=[], objectives=[], guardrails=[], ids=[], workspace=workspace
     )
-    return SimpleNamespace(decision=d, round=rnd, batches=[], points=[], runs={})
+    return SimpleNamespace(decision=record(d), round=rnd, batches=[], points=[], runs={})
 
 
 def _svg(text: str) -> ET.Element:
@@ -224,16 +253,16 @@ def test_markdown_ladder_lists_rungs_agreement_lr_and_the_transfer_table() -> No
         "+0.25 [+0.05, +0.45] gain shown (loo, 8 seeds) | holds |" in md
     )
     assert "| `beta` | shelved (conflict) at m |" in md and "| flips (sign changed) |" in md
-    assert "+0.1 [n/a, +0.4] not settled (added, 8 seeds) | emerges |" in md  # null low end
+    assert "+0.1 [-inf, +0.4] not settled (added, 8 seeds) | emerges |" in md  # null low end
     assert "| `delta` | shelved (no_gain) at s | -0.2 [-0.4, +0] no gain shown " in md
     assert "(alone, 6 seeds) | \u2014 | one rung |" in md  # never measured at m
     # The section comes after the decisions table and before the credit.
-    assert md.index("| `delta` | model |") < md.index("### Scale ladder")
+    assert md.index("| `delta` | architecture |") < md.index("### Scale ladder")
 
 
 def test_html_ladder_section_tables_and_page_placement() -> None:
     d = _decision()
-    section = _ladder_section(d)
+    section = _ladder_section(record(d))
     assert section.startswith("<h2>Scale ladder</h2>")
     assert "<td><b>m</b></td><td><code>model.depth=4, pretrain.steps=200</code></td>" in section
     assert "84 (21 runs) <b>out of budget</b>" in section
@@ -245,7 +274,7 @@ def test_html_ladder_section_tables_and_page_placement() -> None:
     assert "<td class='num'><b>+0</b></td>" in section
     # Contribution x rung: interval, verdict, comparison; a dash where not measured.
     assert "<th>s: utility</th><th>m: utility</th><th>pattern</th>" in section
-    assert "+0.1 [n/a, +0.4]<br>" in section and "emerges" in section
+    assert "+0.1 [-inf, +0.4]<br>" in section and "emerges" in section
     assert "<td class='shelved'>shelved (conflict) at m</td>" in section
     assert "added, 8 seeds, 99%" in section and "<td class='muted'>&mdash;</td>" in section
     assert "title='alpha added to beta'" in section
@@ -257,7 +286,7 @@ def test_html_ladder_section_tables_and_page_placement() -> None:
 
 
 def test_ladder_svg_is_well_formed_with_a_panel_per_contribution() -> None:
-    root = _svg(_ladder_svg(_decision()))
+    root = _svg(_ladder_svg(record(_decision())))
     assert root.tag == f"{SVG}svg"
     panels = [g for g in root if g.tag == f"{SVG}g"]
     assert len(panels) == 4
@@ -285,7 +314,7 @@ def test_a_null_interval_end_runs_to_the_plot_edge_with_an_arrow() -> None:
     d = _decision()
     gamma = d["decisions"][2]["transfer"]["rungs"]
     gamma[0]["utility"] = [0.02, -0.1, None]  # unbounded above at s
-    root = _svg(_ladder_svg(d))
+    root = _svg(_ladder_svg(record(d)))
     panel = [g for g in root if g.tag == f"{SVG}g"][2]
     arrows = [p for p in panel.iter(f"{SVG}polygon") if p.get("class") == "unbounded"]
     assert len(arrows) == 2
@@ -294,17 +323,18 @@ def test_a_null_interval_end_runs_to_the_plot_edge_with_an_arrow() -> None:
     assert ends[0] == 40.0 and ends[-1] == 150.0  # the plot's top and bottom edges
     tips = {float(p.get("points").split()[-1].split(",")[1]) for p in arrows}
     assert tips == {40.0, 150.0}
-    assert "+0.02 [-0.1, n/a]" in _ladder_section(d)
+    assert "+0.02 [-0.1, +inf]" in _ladder_section(record(d))
     # Nothing known at all: "n/a" in place of a bar, and the picture still parses.
     gamma[1]["utility"] = [None, None, None]
-    root = _svg(_ladder_svg(d))
+    root = _svg(_ladder_svg(record(d)))
     panel = [g for g in root if g.tag == f"{SVG}g"][2]
     assert "n/a" in ["".join(t.itertext()) for t in panel.iter(f"{SVG}text")]
 
 
 def test_without_a_ladder_no_section_is_rendered() -> None:
     d = _decision(ladder=False)
-    assert _ladder_md(d) == [] and _ladder_section(d) == "" and _ladder_svg(d) == ""
+    r = record(d)
+    assert _ladder_md(r) == [] and _ladder_section(r) == "" and _ladder_svg(r) == ""
     md = markdown(_result(d))
     page = html_page(_result(d))
     assert "Scale ladder" not in md and "Scale ladder" not in page
@@ -320,9 +350,9 @@ def test_agreement_without_tau_or_verdicts_and_no_lr_tuning(kendall: Any) -> Non
     d = _decision()
     d["ladder"]["agreement"][0].update(kendall_tau=kendall, verdicts_compared=0, subsets=2)
     d["ladder"]["lr_tuning"] = None
-    md = "\n".join(_ladder_md(d))
+    md = "\n".join(_ladder_md(record(d)))
     assert "Kendall's tau between s and m over 2 recipes: n/a; no verdict at s to check at m." in md
-    assert "Learning rate" not in md and "Learning rate" not in _ladder_section(d)
+    assert "Learning rate" not in md and "Learning rate" not in _ladder_section(record(d))
 
 
 def test_names_are_escaped_in_the_section_and_the_svg() -> None:
@@ -335,8 +365,8 @@ def test_names_are_escaped_in_the_section_and_the_svg() -> None:
                 m["rung"] = "s'<"
         if row["rung"] == "s":
             row["rung"] = "s'<"
-    section = _ladder_section(copy.deepcopy(d))
+    section = _ladder_section(record(copy.deepcopy(d)))
     assert "<a&b>" not in section and "&lt;a&amp;b&gt;" in section
-    root = _svg(_ladder_svg(d))
+    root = _svg(_ladder_svg(record(d)))
     texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
     assert "<a&b>" in texts and "s'<" in texts

@@ -15,11 +15,10 @@ from stacklab.integrate.select import (
     candidate_subsets,
     choose,
     count_subsets,
-    objective_scale,
     pareto_front,
     search_candidates,
-    utility_fn,
 )
+from stacklab.integrate.utility import UtilityDraws, objective_scale, utility
 
 
 def fit_for(beta, n_seeds=6, noise=0.01, base=1.0, rng_seed=0):
@@ -143,12 +142,18 @@ def test_two_objectives_pareto_and_weights():
     assert choice.chosen == frozenset({0, 1})
     bpb_first = [Objective("acc", "max", 0.1, scale=0.1), Objective("bpb", "min", 1.0, scale=0.1)]
     assert choose(fits, bpb_first, [], candidates).chosen == frozenset({1})
-    # utility_fn agrees with the table.
-    u = utility_fn(fits, acc_first)
+    # The utility of the model's draws agrees with the table, and with the utility of the
+    # predicted changes (one formula: weight x sign x change / scale, summed).
+    u = UtilityDraws(fits, acc_first)
     rows = {c.subset: c for c in choice.candidates}
     mean, draws = u({0, 1})
     assert mean == pytest.approx(rows[frozenset({0, 1})].expected_utility, abs=1e-12)
     assert draws.shape == (400,)
+    deltas = {m: fits[m].predict_delta({0, 1})[0] for m in fits}
+    assert utility(deltas, acc_first, choice.scales) == mean
+    assert utility({"acc": 0.5, "bpb": 0.2}, acc_first) == pytest.approx(
+        1.0 * 0.5 / 0.1 - 0.1 * 0.2 / 0.1
+    )
 
 
 def test_unestimable_candidates_are_not_chosen():

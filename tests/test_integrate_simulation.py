@@ -25,6 +25,7 @@ from rich.console import Console
 from integrate_sim.scenarios import Scenario, kitchen_sink, small, write_round
 from stacklab.cli import main as cli_main
 from stacklab.integrate.engine import integrate
+from stacklab.integrate.record import ComparisonEvidence, DecisionRecord
 from stacklab.integrate.round import RoundError
 from stacklab.integrate.store import Run, RunStore
 from stacklab.recipe import canonical_hash
@@ -36,8 +37,8 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
-def shelved_kinds(decision: dict) -> dict[str, str]:
-    return {d["id"]: d["kind"] for d in decision["decisions"] if d["status"] == "shelved"}
+def shelved_kinds(decision: DecisionRecord) -> dict[str, str]:
+    return {d.id: d.kind for d in decision.decisions if d.status == "shelved"}
 
 
 def full_factorial_runs(s: Scenario, seeds: int) -> int:
@@ -64,9 +65,9 @@ def test_kitchen_sink_recovers_the_best_subset_and_every_reason(tmp_path: Path) 
     result = integrate(round_file, tmp_path / "out", console=console)
     d = result.decision
 
-    assert set(d["selected"]) == scenario.best
+    assert set(d.selected) == scenario.best
     assert shelved_kinds(d) == scenario.kinds
-    reasons = d["shelved"]
+    reasons = d.shelved
     assert reasons["wsd"].startswith("conflicts with lrup: interaction quality -")
     assert reasons["dapo"].startswith("conflicts with gspo: both set rl.loss (a choice group)")
     assert reasons["bigbatch"].startswith(
@@ -76,23 +77,23 @@ def test_kitchen_sink_recovers_the_best_subset_and_every_reason(tmp_path: Path) 
     assert reasons["warm"].startswith("no measurable gain: quality ")
 
     # Far below exhaustive search; every run counted once; nothing failed.
-    runs = d["runs"]
-    assert runs["total"] == runs["executed"] + runs["reused"] + runs["failed"]
-    assert (runs["failed"], runs["reused"]) == (0, 0)
-    assert runs["total"] <= d["runs"]["budget"] == 200
-    assert runs["total"] < full_factorial_runs(scenario, 3) / 3
-    assert sum(log_counts(log).values()) == runs["executed"]  # no run trained twice
+    runs = d.runs
+    assert runs.total == runs.executed + runs.reused + runs.failed
+    assert (runs.failed, runs.reused) == (0, 0)
+    assert runs.total <= runs.budget == 200
+    assert runs.total < full_factorial_runs(scenario, 3) / 3
+    assert sum(log_counts(log).values()) == runs.executed  # no run trained twice
     # The search never spends the runs held back for the confirmation.
-    spent = {b["purpose"]: 0 for b in d["batches"]}
-    for b in d["batches"]:
-        spent[b["purpose"]] += b["recipes"] * len(b["seeds"])
-    reserve = d["confirmation"]["reserve"]
+    spent = {b.purpose: 0 for b in d.batches}
+    for b in d.batches:
+        spent[b.purpose] += b.recipes * len(b.seeds)
+    reserve = d.confirmation.reserve
     assert reserve > 0 and spent["screening"] + spent.get("adaptive", 0) + reserve <= 200
     assert max(log_counts(log).values()) == 1
 
     # decision.json contract (DESIGN.md) and the credit table: the only place for authors.
     on_disk = json.loads((tmp_path / "out" / "decision.json").read_text())
-    assert on_disk == json.loads(json.dumps(d))
+    assert on_disk == d.model_dump(mode="json")
     assert set(on_disk["credit"]) == set(scenario.contributions)
     assert all(set(v) == {"quality", "utility"} for v in on_disk["credit"].values())
     authors = {f"author-of-{c}" for c in scenario.contributions}
@@ -145,9 +146,9 @@ def test_recovery_rate_over_scenarios(tmp_path: Path) -> None:
         scenario = kitchen_sink(seed=seed, noise=0.15)
         round_file = write_round(tmp_path / f"r{seed}", scenario, budget=200)
         d = integrate(round_file, tmp_path / f"out{seed}", console=quiet()).decision
-        kinds = {x["id"]: x["kind"] for x in d["decisions"] if x["status"] != "accepted"}
+        kinds = {x.id: x.kind for x in d.decisions if x.status != "accepted"}
         true = all(kinds.get(c) in ok for c, ok in allowed.items())
-        outcomes.append((set(d["selected"]) == scenario.best, true, d["runs"]["total"]))
+        outcomes.append((set(d.selected) == scenario.best, true, d.runs.total))
     assert sum(best for best, _, _ in outcomes) >= 5, outcomes
     assert sum(true for _, true, _ in outcomes) >= 5, outcomes
     assert max(n for _, _, n in outcomes) <= 200
@@ -185,22 +186,24 @@ def test_nulls_are_never_kept_and_every_verdict_has_evidence(tmp_path: Path) -> 
         scenario.extra["noise_seed"] = seed
         round_file = write_round(tmp_path / f"r{seed}", scenario, budget=80)
         d = integrate(round_file, tmp_path / f"out{seed}", console=quiet()).decision
-        assert set(d["selected"]) == {"alpha", "beta"}, d["shelved"]
-        assert d["undecided"] == {}
+        assert set(d.selected) == {"alpha", "beta"}, d.shelved
+        assert d.undecided == {}
         kinds = shelved_kinds(d)  # a null's gain alone can look real on 3 seeds (2.5%)
         assert set(kinds) == {"gamma", "delta"}
         assert set(kinds.values()) <= {"no_gain", "vanishes"}
-        for row in d["decisions"]:
-            assert row["evidence"], row
-            first = row["evidence"][0]
-            est, low, high = first["utility"]
-            if row["status"] == "accepted":  # the interval shown is the one that decided
-                assert first["comparison"] == "loo" and low > 0 and est >= d["min_effect"]
-                assert row["id"] not in first["b"] and row["id"] in first["a"]
-            elif row["kind"] == "no_gain":  # alone, inside the choice, or added with runs left
-                assert first["comparison"] in ("alone", "loo", "added") and low <= 0 <= high
-        assert d["noise_floor"]["quality"] == pytest.approx(0.1, rel=0.5)
-        assert d["confirmation"]["levels"][-1] == pytest.approx(1 - 0.75 * 0.05)
+        for row in d.decisions:
+            assert row.evidence, row
+            first = row.evidence[0]
+            assert isinstance(first, ComparisonEvidence)
+            est, low, high = first.utility
+            assert est is not None and low is not None and high is not None
+            if row.status == "accepted":  # the interval shown is the one that decided
+                assert first.comparison == "loo" and low > 0 and est >= d.min_effect
+                assert row.id not in first.b and row.id in first.a
+            elif row.kind == "no_gain":  # alone, inside the choice, or added with runs left
+                assert first.comparison in ("alone", "loo", "added") and low <= 0 <= high
+        assert d.noise_floor["quality"] == pytest.approx(0.1, rel=0.5)
+        assert d.confirmation.levels[-1] == pytest.approx(1 - 0.75 * 0.05)
 
 
 def test_a_real_but_small_gain_is_shelved_as_too_small(tmp_path: Path) -> None:
@@ -208,11 +211,11 @@ def test_a_real_but_small_gain_is_shelved_as_too_small(tmp_path: Path) -> None:
     scenario = two_gains_and_nulls(noise=0.05, small_gain=0.15)
     round_file = write_round(tmp_path / "r", scenario, budget=80, min_effect=0.4)
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    assert set(d["selected"]) == {"alpha", "beta"}
-    assert d["min_effect"] == 0.4
+    assert set(d.selected) == {"alpha", "beta"}
+    assert d.min_effect == 0.4
     assert shelved_kinds(d)["delta"] == "too_small"
-    assert d["shelved"]["delta"].startswith("gain too small to keep: alone quality +0.1")
-    assert d["shelved"]["delta"].endswith("below min_effect 0.4 utility")
+    assert d.shelved["delta"].startswith("gain too small to keep: alone quality +0.1")
+    assert d.shelved["delta"].endswith("below min_effect 0.4 utility")
 
 
 def test_too_few_runs_leave_a_verdict_undecided_and_more_runs_decide_it(tmp_path: Path) -> None:
@@ -222,14 +225,14 @@ def test_too_few_runs_leave_a_verdict_undecided_and_more_runs_decide_it(tmp_path
     scenario.extra["noise_seed"] = 3
     small_round = write_round(tmp_path / "a", scenario, budget=45)
     d = integrate(small_round, tmp_path / "out-a", console=quiet()).decision
-    assert d["undecided"], d["shelved"]
-    for cid, reason in d["undecided"].items():
+    assert d.undecided, d.shelved
+    for cid, reason in d.undecided.items():
         assert re.search(r"^undecided: .*about \d+ more runs would settle it$", reason), reason
-        assert cid not in d["selected"] and cid not in d["shelved"]
+        assert cid not in d.selected and cid not in d.shelved
     big_round = write_round(tmp_path / "b", scenario, budget=400)
     big = integrate(big_round, tmp_path / "out-b", console=quiet()).decision
-    assert big["undecided"] == {}
-    assert set(big["selected"]) == {"alpha", "beta"}
+    assert big.undecided == {}
+    assert set(big.selected) == {"alpha", "beta"}
 
 
 def test_a_guardrail_is_judged_on_the_final_recipe(tmp_path: Path) -> None:
@@ -254,11 +257,11 @@ def test_a_guardrail_is_judged_on_the_final_recipe(tmp_path: Path) -> None:
     )
     round_file = write_round(tmp_path / "r", scenario, budget=80)
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    assert d["selected"] == ["fast"]
+    assert d.selected == ["fast"]
     assert shelved_kinds(d) == {"lean": "guardrail"}
-    assert "in combination" in d["shelved"]["lean"]
-    (check,) = d["guardrail_checks"]
-    assert check["state"] == "held" and check["margin"][1] > 0
+    assert "in combination" in d.shelved["lean"]
+    (check,) = d.guardrail_checks
+    assert check.state == "held" and (check.margin[1] or 0) > 0
 
 
 # --------------------------------------------------------------------------- resume
@@ -271,7 +274,7 @@ def run_engine(round_file: Path, out: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> DecisionRecord:
     """The small scenario's decision, uninterrupted."""
     root = tmp_path_factory.mktemp("reference")
     round_file = write_round(root / "round", small(), budget=80)
@@ -284,15 +287,21 @@ def config_and_seed(run: Run) -> tuple[str, int]:
     return canonical_hash({k: v for k, v in run.recipe.items() if k != "seed"}), run.seed
 
 
-def comparable(decision: dict) -> dict:
-    return {k: v for k, v in decision.items() if k != "round_file"}
+def comparable(decision: DecisionRecord) -> dict:
+    """decision.json but the round file's path (another folder, same round)."""
+    return decision.model_dump(mode="json", exclude={"round_file"})
+
+
+def read_decision(out: Path) -> DecisionRecord:
+    """out/decision.json, checked against the record's types."""
+    return DecisionRecord.model_validate_json((out / "decision.json").read_text())
 
 
 @pytest.mark.parametrize(
     "kill_after", [7, pytest.param(40, marks=pytest.mark.slow)], ids=["screening", "confirmation"]
 )
 def test_resume_after_sigkill_same_decision_no_run_repeated(
-    tmp_path: Path, reference: dict, kill_after: int
+    tmp_path: Path, reference: DecisionRecord, kill_after: int
 ) -> None:
     scenario = small()
     log = tmp_path / "runs.log"
@@ -303,11 +312,11 @@ def test_resume_after_sigkill_same_decision_no_run_repeated(
     assert run_engine(round_file, out) == -9  # killed by the kill_after-th finished run
     with RunStore(f"sqlite:///{out / 'runs.db'}", reset_stale=False) as store:
         done_before = {config_and_seed(r) for r in store.runs(status="done")}
-    assert 0 < len(done_before) < reference["runs"]["total"]
+    assert 0 < len(done_before) < reference.runs.total
     assert not (out / "decision.json").exists()
 
     assert run_engine(round_file, out) == 0
-    resumed = json.loads((out / "decision.json").read_text())
+    resumed = read_decision(out)
     assert comparable(resumed) == comparable(reference)
     counts = log_counts(log)
     assert all(counts[k] == 1 for k in done_before)  # no finished run trained again
@@ -317,7 +326,9 @@ def test_resume_after_sigkill_same_decision_no_run_repeated(
     assert not list((out / "runs").glob(".*.tmp-*"))
 
 
-def test_a_second_round_reuses_every_run_of_the_first(tmp_path: Path, reference: dict) -> None:
+def test_a_second_round_reuses_every_run_of_the_first(
+    tmp_path: Path, reference: DecisionRecord
+) -> None:
     """Content addressing across rounds: same recipes and seeds are never trained again."""
     log = tmp_path / "runs.log"
     first = write_round(tmp_path / "a", small(), budget=80, log=log, name="first")
@@ -326,11 +337,11 @@ def test_a_second_round_reuses_every_run_of_the_first(tmp_path: Path, reference:
     a = integrate(first, out, console=quiet()).decision
     trained = sum(log_counts(log).values())
     assert cli_main(["integrate", str(second), "--out", str(out)]) == 0
-    b = json.loads((out / "decision.json").read_text())
+    b = read_decision(out)
     assert sum(log_counts(log).values()) == trained
-    assert (b["runs"]["executed"], b["runs"]["reused"]) == (0, a["runs"]["total"])
-    assert (b["selected"], b["shelved"]) == (a["selected"], a["shelved"])
-    assert (a["selected"], a["shelved"]) == (reference["selected"], reference["shelved"])
+    assert (b.runs.executed, b.runs.reused) == (0, a.runs.total)
+    assert (b.selected, b.shelved) == (a.selected, a.shelved)
+    assert (a.selected, a.shelved) == (reference.selected, reference.shelved)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -354,8 +365,8 @@ def test_round_goes_on_past_crashes_hangs_and_missing_metrics(tmp_path: Path) ->
     )
     round_file = write_round(tmp_path / "round", scenario, budget=60, timeout_s=1.5, workers=2)
     d = integrate(round_file, tmp_path / "out", console=quiet()).decision
-    assert d["selected"] == ["good"]
-    reasons = d["shelved"]
+    assert d.selected == ["good"]
+    reasons = d.shelved
     assert reasons["crashy"].startswith(
         "every run with it failed: exit status 1; stderr ends: boom"
     )
@@ -363,11 +374,11 @@ def test_round_goes_on_past_crashes_hangs_and_missing_metrics(tmp_path: Path) ->
     assert reasons["partial"].startswith(
         "every run with it failed: metrics.json has no metric 'speed' (has: quality)"
     )
-    assert d["runs"]["failed"] > 0
+    assert d.runs.failed > 0
     with RunStore(f"sqlite:///{tmp_path / 'out' / 'runs.db'}") as store:
         failed = store.runs(status="failed")
         assert failed and all(r.metrics is None and r.error for r in failed)
-        assert len(store.runs(status="done")) == d["runs"]["executed"]
+        assert len(store.runs(status="done")) == d.runs.executed
 
 
 def test_budget_below_the_screening_design_is_refused(tmp_path: Path) -> None:
@@ -394,7 +405,7 @@ def test_a_guardrail_that_holds_costs_no_baseline_runs_at_later_looks(tmp_path: 
         round_file = write_round(tmp_path / kind, scenario, budget=42, seeds=2, confirm_seeds=2)
         decisions[kind] = integrate(round_file, tmp_path / kind / "out", console=quiet()).decision
     held, none = decisions["held"], decisions["none"]
-    assert held["guardrail_checks"][0]["state"] == "held"
-    assert held["runs"]["total"] == none["runs"]["total"] == 42
-    assert not held["confirmation"]["out_of_budget"]
-    assert held["selected"] == none["selected"] and held["undecided"] == none["undecided"]
+    assert held.guardrail_checks[0].state == "held"
+    assert held.runs.total == none.runs.total == 42
+    assert not held.confirmation.out_of_budget
+    assert held.selected == none.selected and held.undecided == none.undecided

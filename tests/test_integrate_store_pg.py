@@ -16,7 +16,6 @@ UTC are what keep runs from being trained twice or misdated.
 from __future__ import annotations
 
 import functools
-import json
 import multiprocessing
 import os
 import time
@@ -304,6 +303,7 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
         config_and_seed,
         log_counts,
         quiet,
+        read_decision,
         run_engine,
     )
 
@@ -321,10 +321,10 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
     with RunStore(url, reset_stale=False) as store:
         done_before = {config_and_seed(r) for r in store.runs(status="done")}
         assert store.runs(status="running")  # the killed engine's runs in flight
-    assert 0 < len(done_before) < reference["runs"]["total"]
+    assert 0 < len(done_before) < reference.runs.total
 
     assert run_engine(round_file, out) == 0
-    resumed = json.loads((out / "decision.json").read_text())
+    resumed = read_decision(out)
     assert comparable(resumed) == comparable(reference)
     counts = log_counts(log)
     assert all(counts[k] == 1 for k in done_before)  # no finished run trained again
@@ -335,6 +335,6 @@ def test_a_round_on_postgres_resumes_after_sigkill_to_the_same_decision(
 
     second = write_round(tmp_path / "second", small(), budget=80, log=log, store=url, name="b")
     b = integrate(second, tmp_path / "out2", console=quiet()).decision
-    assert (b["runs"]["executed"], b["runs"]["reused"]) == (0, resumed["runs"]["total"])
-    assert (b["selected"], b["shelved"]) == (resumed["selected"], resumed["shelved"])
+    assert (b.runs.executed, b.runs.reused) == (0, resumed.runs.total)
+    assert (b.selected, b.shelved) == (resumed.selected, resumed.shelved)
     assert sum(log_counts(log).values()) == sum(counts.values())

@@ -11,6 +11,7 @@ from stacklab.data.tokenizer import EOT_ID, PAD_ID, save_tokenizer, train_tokeni
 from stacklab.errors import StacklabError
 from stacklab.interop import hf
 from stacklab.interop.hf import export_hf, from_hf_config, import_hf
+from stacklab.model.config import TransformerConfig
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, TokenizerConfig
 from stacklab.train.checkpoint import load_model, write_model
@@ -56,6 +57,11 @@ ARCH = {
 }
 
 
+def config(**fields: object) -> TransformerConfig:
+    """The model config of a recipe model section with `fields` (nested dicts for moe)."""
+    return ModelConfig(**fields).build()
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -64,8 +70,8 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _model(case: str) -> tuple[ModelConfig, torch.nn.Module]:
-    cfg = ModelConfig(**SMALL, **CASES[case])
+def _model(case: str) -> tuple[TransformerConfig, torch.nn.Module]:
+    cfg = config(**SMALL, **CASES[case])
     torch.manual_seed(0)
     model = build_model(cfg, VOCAB)
     with torch.no_grad():
@@ -192,7 +198,7 @@ def test_transformers_4_config_keys_are_read() -> None:
     ],
 )
 def test_export_refuses_recipes_without_a_counterpart(overrides: dict, named: str) -> None:
-    cfg = ModelConfig(**SMALL | overrides)
+    cfg = config(**SMALL | overrides)
     with pytest.raises(StacklabError, match=named.replace(".", r"\.")):
         hf.hf_architecture(cfg)
 
@@ -200,7 +206,7 @@ def test_export_refuses_recipes_without_a_counterpart(overrides: dict, named: st
 def test_export_refuses_a_selection_bias_with_the_softmax_router(
     tokenizer_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = ModelConfig(**SMALL, moe=MOE | {"balance": "aux_free"})
+    cfg = config(**SMALL, moe=MOE | {"balance": "aux_free"})
     model = build_model(cfg, VOCAB)
     # Untrained, the bias is zero and changes nothing, so the export is exact.
     export_hf(cfg, VOCAB, model.state_dict(), tokenizer_dir, tmp_path / "ok")
@@ -224,11 +230,11 @@ def test_export_refuses_unknown_tensors_and_existing_folders(
 
 
 def test_export_refuses_settings_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stands in for a field added to ModelConfig after this module was written.
+    # Stands in for a field added to TransformerConfig after this module was written.
     monkeypatch.setattr(hf, "_MODEL_FIELDS", hf._MODEL_FIELDS - {"norm_eps"})
-    hf.hf_architecture(ModelConfig(**SMALL))  # at its default it changes nothing
+    hf.hf_architecture(TransformerConfig(**SMALL))  # at its default it changes nothing
     with pytest.raises(StacklabError, match=r"model\.norm_eps=1e-05"):
-        hf.hf_architecture(ModelConfig(**SMALL, norm_eps=1e-5))
+        hf.hf_architecture(TransformerConfig(**SMALL, norm_eps=1e-5))
 
 
 @pytest.mark.parametrize(

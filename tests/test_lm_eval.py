@@ -24,7 +24,7 @@ from stacklab.data.tokenizer import EOT_ID, load_tokenizer, save_tokenizer, trai
 from stacklab.model.generation import generate
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ArithmeticTask, ModelConfig, TokenizerConfig
-from stacklab.train.checkpoint import load_model, save_model
+from stacklab.train.checkpoint import load_model, write_model
 
 L = 48  # the test model's max_seq_len: short, so truncation is easy to reach
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "and", "then", "x", "=", "\n"]
@@ -73,10 +73,9 @@ def run(tmp_path_factory) -> Path:
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300, min_frequency=1))
     save_tokenizer(tok, run / "tokenizer")
     torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(depth=2, aspect=16, head_dim=16, max_seq_len=L), tok.get_vocab_size()
-    )
-    save_model(model, run / "pretrain" / "final")
+    cfg = ModelConfig(depth=2, aspect=16, head_dim=16, max_seq_len=L).build()
+    model = build_model(cfg, tok.get_vocab_size())
+    write_model(run / "pretrain" / "final", cfg, model.vocab_size, model.state_dict())
     return run
 
 

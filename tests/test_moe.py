@@ -4,19 +4,19 @@ computations, and aux-loss-free balancing actually balances."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stacklab.model import moe as moe_module
+from stacklab.model.config import FastPaths, MoEConfig
 from stacklab.model.moe import MoE
-from stacklab.recipe import MoEConfig
 
 
-def make_moe(d_model: int = 16, hidden: int = 8, **cfg: object) -> MoE:
+def make_moe(d_model: int = 16, hidden: int = 8, fast: FastPaths | None = None, **cfg) -> MoE:
     torch.manual_seed(0)
-    return MoE(d_model, hidden, MoEConfig(enabled=True, **cfg), init_std=0.2)
+    return MoE(d_model, hidden, MoEConfig(enabled=True, **cfg), init_std=0.2, fast=fast)
 
 
 def reference_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "slice_loop"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_dispatch_matches_reference(cfg: dict, grouped_mm: bool, monkeypatch) -> None:
-    monkeypatch.setattr(moe_module, "HAS_GROUPED_MM", grouped_mm)
-    moe = make_moe(num_experts=8, **cfg)
+def test_dispatch_matches_reference(cfg: dict, grouped_mm: bool) -> None:
+    moe = make_moe(num_experts=8, fast=FastPaths(grouped_mm=grouped_mm), **cfg)
     # Experts 0 and 5 can never be selected: the dispatch must cope with empty experts.
     moe.expert_bias.copy_(torch.tensor([-10.0, 0.1, -0.05, 0.0, 0.2, -10.0, 0.03, -0.1]))
     x = torch.randn(3, 7, 16, requires_grad=True)
@@ -124,7 +123,7 @@ TINY = {
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_aux_loss_by_hand(router: str) -> None:
     moe, x = tiny_router(router, TINY[router])
-    moe.cfg.aux_loss_coef, moe.cfg.z_loss_coef = 1.0, 0.0
+    moe.cfg = replace(moe.cfg, aux_loss_coef=1.0, z_loss_coef=0.0)
     moe(x)
     assert moe.expert_counts.tolist() == [2, 1]
     assert moe.aux_loss.item() == pytest.approx(37 / 36, rel=1e-6)
@@ -134,7 +133,7 @@ def test_aux_loss_by_hand(router: str) -> None:
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_z_loss_by_hand(router: str) -> None:
     moe, x = tiny_router(router, TINY[router])
-    moe.cfg.aux_loss_coef, moe.cfg.z_loss_coef = 0.0, 0.5
+    moe.cfg = replace(moe.cfg, aux_loss_coef=0.0, z_loss_coef=0.5)
     moe(x)
     lse = [math.log(sum(math.exp(v) for v in row)) for row in TINY[router]]
     # softmax: lse = ln 4, ln 8, ln 4 → (4 + 9 + 4)(ln 2)² / 3
@@ -144,7 +143,7 @@ def test_z_loss_by_hand(router: str) -> None:
 
 def test_losses_add_with_their_coefficients() -> None:
     moe, x = tiny_router("softmax", TINY["softmax"])
-    moe.cfg.aux_loss_coef, moe.cfg.z_loss_coef = 0.01, 0.001
+    moe.cfg = replace(moe.cfg, aux_loss_coef=0.01, z_loss_coef=0.001)
     moe(x)
     expected = 0.01 * 37 / 36 + 0.001 * 17 / 3 * math.log(2) ** 2
     assert moe.aux_loss.item() == pytest.approx(expected, rel=1e-6)

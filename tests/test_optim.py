@@ -8,7 +8,14 @@ from torch import nn
 
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, MoEConfig, MuonConfig, OptimConfig
-from stacklab.train.optim import Muon, build_optimizer, newton_schulz, param_groups
+from stacklab.train.optim import (
+    Muon,
+    build_optimizer,
+    check_partition,
+    newton_schulz,
+    param_groups,
+    parameter_roles,
+)
 
 V = 97
 
@@ -19,7 +26,8 @@ def tiny_model(moe: bool = False, **kw) -> nn.Module:
         kw["moe"] = MoEConfig(
             enabled=True, num_experts=4, top_k=2, first_k_dense=1, num_shared_experts=1
         )
-    return build_model(ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=32, **kw), V)
+    cfg = ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=32, **kw)
+    return build_model(cfg.build(), V)
 
 
 def muon_cfg(**kw) -> OptimConfig:
@@ -133,6 +141,47 @@ def test_roles_survive_a_wrapper_prefix_and_frozen_parameters_are_left_out() -> 
     groups = param_groups(wrapped, muon_cfg())
     assert names(groups, "decay") == {"module.embed.weight"}
     assert "module.layers.0.attn_norm.weight" not in names(groups, "no_decay")
+
+
+def test_a_parameter_without_a_rule_is_refused_by_name() -> None:
+    """A new 2-D parameter that is not a Linear weight is not guessed into Muon."""
+    model = tiny_model()
+    model.layers[1].attn.extra = nn.Parameter(torch.zeros(4, 4))
+    for cfg in (muon_cfg(), OptimConfig()):
+        with pytest.raises(ValueError, match=r"layers\.1\.attn\.extra \(Attention\.extra"):
+            build_optimizer(model, cfg)
+    model.layers[1].attn.extra.requires_grad_(False)  # frozen: left out, no rule needed
+    assert "layers.1.attn.extra" not in parameter_roles(model)
+
+
+def test_roles_follow_module_types_and_a_new_linear_is_a_hidden_map() -> None:
+    model = tiny_model(tie_embeddings=False)
+    model.layers[0].attn.gate = nn.Linear(8, 8)  # weight: a hidden map; bias: a vector
+    roles = parameter_roles(model)
+    assert roles["layers.0.attn.gate.weight"] == "hidden"
+    assert roles["layers.0.attn.gate.bias"] == "vector"
+    assert roles["lm_head.weight"] == roles["embed.weight"] == "matrix"
+    assert roles["layers.1.mlp.down_proj.weight"] == "hidden"
+    assert roles["norm.weight"] == "vector"
+    groups = param_groups(model, muon_cfg())
+    assert "layers.0.attn.gate.weight" in names(groups, "muon")
+    assert "layers.0.attn.gate.bias" in names(groups, "no_decay")
+
+
+def test_groups_must_partition_the_trainable_parameters() -> None:
+    model = tiny_model()
+    groups = param_groups(model, muon_cfg())
+    check_partition(model, groups)  # the built groups pass
+    first = groups[0]["params"][0]
+    twice = [*groups, {"name": "again", "params": [first]}]
+    with pytest.raises(ValueError, match=rf"{first[0]} is in two groups, muon and again"):
+        check_partition(model, twice)
+    missing = [{**groups[0], "params": groups[0]["params"][1:]}, *groups[1:]]
+    with pytest.raises(ValueError, match=rf"in no group: {first[0]}$"):
+        check_partition(model, missing)
+    stranger = [*groups, {"name": "other", "params": [("w", nn.Parameter(torch.zeros(2)))]}]
+    with pytest.raises(ValueError, match="other: w is not a trainable parameter"):
+        check_partition(model, stranger)
 
 
 # --------------------------------------------------------------------------- the update

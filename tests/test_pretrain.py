@@ -21,7 +21,8 @@ from stacklab.pipeline import build
 from stacklab.recipe import Recipe, load_recipe, recipe_from_dict
 from stacklab.stages import STAGES
 from stacklab.train.checkpoint import latest_checkpoint, load_model
-from stacklab.train.pretrain import main, measure_peak_flops, pretrain, read_metrics
+from stacklab.train.log import read_log
+from stacklab.train.pretrain import main, measure_peak_flops, pretrain
 
 VOCAB, SEQ_LEN = 64, 32
 # Tiny models train fastest on one thread, and the machines running tests are small.
@@ -53,7 +54,7 @@ def tiny_recipe(**sections: dict) -> Recipe:
 
 
 def losses(work: Path) -> list[tuple[int, float, float]]:
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(work / "metrics.jsonl")]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(work / "metrics.jsonl")]
 
 
 class Crash(Exception):
@@ -127,7 +128,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path: Path, sections: dict) -> None
     try:
         # Kill once step 8's checkpoint exists and step 9 is logged, in step 9's sleep.
         deadline = time.monotonic() + 300
-        while not any(r["step"] == 9 for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")):
+        while not any(r["step"] == 9 for r in read_log(tmp_path / "killed" / "metrics.jsonl")):
             assert killed.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -168,7 +169,7 @@ def test_moe_aux_free_moves_bias_and_logs_imbalance(tmp_path: Path) -> None:
     moe = {"enabled": True, "num_experts": 4, "top_k": 2, "balance": "aux_free"}
     recipe = tiny_recipe(model={"moe": {**moe, "bias_update_rate": 0.01}}, optim={"grad_clip": 0.0})
     metrics = pretrain(recipe, shards, tmp_path / "work")
-    records = read_metrics(tmp_path / "work" / "metrics.jsonl")
+    records = read_log(tmp_path / "work" / "metrics.jsonl")
     assert all(r["aux_loss"] == 0.0 for r in records)  # aux_free: no balance loss
     assert all(r["grad_norm"] > 0 for r in records)  # reported without clipping too
     assert all(1.0 <= r["moe/1/imbalance"] <= 4.0 for r in records)

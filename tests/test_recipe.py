@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from stacklab import builtin
 from stacklab.errors import RecipeError
 from stacklab.recipe import (
-    RECIPES_DIR,
     ArithmeticTask,
     JsonlSource,
     Recipe,
@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_builtin_recipes_validate() -> None:
-    names = [p.stem for p in RECIPES_DIR.glob("*.yaml")]
+    names = builtin.names("recipe")
     assert "tiny" in names
     for name in names:
         assert load_recipe(name).name == name
@@ -67,7 +67,7 @@ def test_unknown_discriminator_lists_valid(tmp_path: Path) -> None:
 
 
 def test_wrong_type_names_key(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"tokenizer\.vocab_size: .*valid integer.*'big'"):
+    with pytest.raises(RecipeError, match=r"key 'tokenizer\.vocab_size': .*valid integer.*'big'"):
         load_recipe(write(tmp_path, "tokenizer: {vocab_size: big}\n"))
 
 
@@ -100,8 +100,8 @@ def test_override_types_are_parsed_and_checked() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.packing.seq_len=abc", r"data\.packing\.seq_len: .*integer.*'abc'"),
-        ("data.mixture.token_budget=0", r"data\.mixture\.token_budget: .*greater than 0"),
+        ("data.packing.seq_len=abc", r"key 'data\.packing\.seq_len': .*integer.*'abc'"),
+        ("data.mixture.token_budget=0", r"key 'data\.mixture\.token_budget': .*than 0 \(got 0\)"),
         ("data.dedup.treshold=0.5", r"unknown key 'data\.dedup\.treshold'.*'threshold'"),
         ("data.sources.3.weight=1", r"list of 1 items; index it with 0\.\.0"),
         ("seed.x=1", r"seed is a value"),
@@ -144,7 +144,7 @@ def test_section_hash_is_canonical_and_local() -> None:
 
 def test_repetition_ngram_sizes_checked() -> None:
     raw = {"data": {"filters": [{"name": "repetition", "max_top_ngram_char_frac": {0: 0.2}}]}}
-    with pytest.raises(RecipeError, match=r"max_top_ngram_char_frac: .*sizes must be >= 1"):
+    with pytest.raises(RecipeError, match=r"max_top_ngram_char_frac': .*sizes must be >= 1"):
         recipe_from_dict(raw)
 
 
@@ -176,6 +176,25 @@ def test_base_cycle_is_an_error(tmp_path: Path) -> None:
 def test_builtin_moe_variant() -> None:
     r = load_recipe("tiny-moe")
     assert r.model.moe.enabled and r.data == load_recipe("tiny").data
+
+
+def test_model_section_builds_the_models_own_config_field_for_field() -> None:
+    """The recipe's model section and the model's `TransformerConfig` have the same fields and
+    defaults (a field added to one only fails here), and `build()` carries every value."""
+    import dataclasses
+
+    from stacklab.model.config import MoEConfig as ModelMoEConfig
+    from stacklab.model.config import TransformerConfig
+    from stacklab.recipe import ModelConfig, MoEConfig
+
+    for section, config in ((ModelConfig, TransformerConfig), (MoEConfig, ModelMoEConfig)):
+        assert list(section.model_fields) == [f.name for f in dataclasses.fields(config)]
+    assert ModelConfig().build() == TransformerConfig()
+    assert ModelConfig().model_dump(mode="json") == TransformerConfig().to_dict()
+    section = load_recipe("tiny-moe", ["model.moe.router=sigmoid", "model.n_kv_heads=4"]).model
+    built = section.build()
+    assert built.to_dict() == section.model_dump(mode="json")
+    assert built.dims() == section.dims()
 
 
 # --------------------------------------------------------------------------- RL loss settings
@@ -221,7 +240,7 @@ def test_rl_and_eval_may_name_a_verifiers_environment_but_sft_may_not() -> None:
     recipe = load_recipe("tiny", [f'rl.envs=["{name}"]', "rl.env_weights={}"])
     assert recipe.rl.envs == [name]
     assert load_recipe("tiny", [f'eval.agent_envs=["{name}"]']).eval.agent_envs == [name]
-    with pytest.raises(RecipeError, match=r"rl.envs.0: .*'lookpu' is not an environment"):
+    with pytest.raises(RecipeError, match=r"key 'rl.envs.0': 'lookpu' is not an environment"):
         load_recipe("tiny", ["rl.envs=[lookpu]"])
     with pytest.raises(RecipeError, match=r"sft.agent_envs"):
         load_recipe("tiny", [f'sft.agent_envs=["{name}"]'])

@@ -297,12 +297,12 @@ def test_report_renders_in_chromium(
         assert parts["decisionRows"] == len(ids)
         statuses = [text for _, text in parts["statuses"]]
         assert all(cls == text for cls, text in parts["statuses"]), parts["statuses"]
-        assert sorted(statuses) == sorted(row["status"] for row in d["decisions"])
+        assert sorted(statuses) == sorted(row.status for row in d.decisions)
         assert {"accepted", "shelved"} <= set(statuses)
         # The comparisons behind each decision, and a colour of its own for each status.
-        assert parts["evidenceTables"] == sum(bool(row["evidence"]) for row in d["decisions"])
+        assert parts["evidenceTables"] == sum(bool(row.evidence) for row in d.decisions)
         assert len(set(parts["statusColours"].values())) == 3, parts["statusColours"]
-        assert parts["guardrailStates"] == len(d["guardrail_checks"]) >= 1
+        assert parts["guardrailStates"] == len(d.guardrail_checks) >= 1
 
         charts = {s["label"]: s for s in parts["svgs"]}
         assert len(charts) == len(parts["svgs"]) == 7, list(charts)
@@ -332,8 +332,8 @@ def test_report_renders_in_chromium(
         assert credit["circles"] == len(ids)
         assert {f"{cid} (author-of-{cid})" for cid in ids} <= set(credit["texts"])
         # Runs: every run, open, with its recipe diff against the baseline.
-        assert parts["runsOpen"] and parts["runRows"] == d["runs"]["total"]
-        assert parts["runsSummary"].startswith(f"{d['runs']['total']} runs")
+        assert parts["runsOpen"] and parts["runRows"] == d.runs.total
+        assert parts["runsSummary"].startswith(f"{d.runs.total} runs")
         diffs = parts["diffs"]
         assert diffs.count("\u2014") >= 2  # baseline runs: no diff
         assert any("optim.lr: 0.003 \u2192 0.006" in t for t in diffs), diffs[:8]

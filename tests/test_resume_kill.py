@@ -31,8 +31,8 @@ from stacklab.data.chat import render_chat
 from stacklab.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ArithmeticTask, ModelConfig, Recipe, RLConfig, TokenizerConfig
-from stacklab.train.checkpoint import checkpoint_dir, latest_checkpoint, save_model
-from stacklab.train.pretrain import read_metrics
+from stacklab.train.checkpoint import checkpoint_dir, latest_checkpoint, write_model
+from stacklab.train.log import read_log
 from stacklab.train.sft import sft
 from stacklab.train.sft_data import task_conversations
 
@@ -40,7 +40,7 @@ from stacklab.train.sft_data import task_conversations
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300  # seconds any one child may take
 TASK = ArithmeticTask(ops=["+"], min_digits=1, max_digits=1, eval_fraction=0.2)
-MODEL = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64)
+MODEL = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64).build()
 TIMING = ("seconds", "tokens_per_s", "mfu")  # metrics that differ between any two runs
 
 CHILD = r"""
@@ -48,18 +48,19 @@ import json, sys, time
 from pathlib import Path
 
 from stacklab.train import pretrain as P
+from stacklab.train.log import MetricsLog
 
 spec = json.loads(sys.argv[1])
 work = Path(spec["work"])
 if spec["pause_after"]:
-    write = P.MetricsLog.write
+    write = MetricsLog.write
 
     def write_then_pause(self, record):
         write(self, record)
         if record["step"] == spec["pause_after"]:
             time.sleep(3600)  # step trained and logged, its checkpoint not yet written
 
-    P.MetricsLog.write = write_then_pause
+    MetricsLog.write = write_then_pause
 
 if spec["stage"] == "pretrain":
     args = ["--recipe", spec["recipe"], "--shards", spec["shards"], "--out", str(work)]
@@ -94,8 +95,7 @@ else:
         return batch, by_env
 
     trainer.collect = collect_and_record
-    with P.deterministic(True):  # as the RL stage runs it
-        trainer.train_rl(recipe, tokenizer, Path(spec["base"]), work)
+    trainer.train_rl(recipe, tokenizer, Path(spec["base"]), work)
 """
 
 
@@ -114,7 +114,7 @@ def kill_between_checkpoints(spec: dict[str, Any], kill_at: int) -> None:
     metrics = Path(spec["work"]) / "metrics.jsonl"
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not any(r["step"] == kill_at for r in read_metrics(metrics)):
+        while not any(r["step"] == kill_at for r in read_log(metrics)):
             assert child.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "the run never reached the step to kill at"
             time.sleep(0.02)
@@ -124,7 +124,7 @@ def kill_between_checkpoints(spec: dict[str, Any], kill_at: int) -> None:
             child.kill()  # SIGKILL, if it is not dead yet (a failed check above)
         child.wait(timeout=TIMEOUT)
     assert child.returncode == -signal.SIGKILL
-    assert [r["step"] for r in read_metrics(metrics)][-1] == kill_at
+    assert [r["step"] for r in read_log(metrics)][-1] == kill_at
     assert not (Path(spec["work"]) / "final").exists()
 
 
@@ -170,7 +170,7 @@ def assert_same_end(clean: Path, resumed: Path, last_step: int) -> None:
     def records(work: Path) -> list[dict]:
         return [
             {k: v for k, v in r.items() if not k.endswith(TIMING)}
-            for r in read_metrics(work / "metrics.jsonl")
+            for r in read_log(work / "metrics.jsonl")
         ]
 
     assert records(resumed) == records(clean)
@@ -217,7 +217,8 @@ def base(tok_dir, tmp_path_factory) -> Path:
     """A random tiny model saved the way pretraining leaves it."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("base") / "final"
-    save_model(build_model(MODEL, load_tokenizer(tok_dir).get_vocab_size()), path)
+    vocab = load_tokenizer(tok_dir).get_vocab_size()
+    write_model(path, MODEL, vocab, build_model(MODEL, vocab).state_dict())
     return path
 
 
@@ -321,7 +322,7 @@ def test_rl_killed_between_checkpoints_resumes_bit_exactly(tok_dir, sft_base, tm
     assert_same_end(clean, tmp_path / "killed", last_step=5)
 
     def rollouts(name: str) -> list[dict]:
-        return read_metrics(tmp_path / f"{name}.jsonl")
+        return read_log(tmp_path / f"{name}.jsonl")
 
     # Steps 1-3 before the kill; the resumed run starts again at step 3 (replayed) and samples
     # exactly what the uninterrupted run sampled at steps 3, 4 and 5.
@@ -329,7 +330,7 @@ def test_rl_killed_between_checkpoints_resumes_bit_exactly(tok_dir, sft_base, tm
     assert [r["step"] for r in rollouts("resumed")] == [3, 4, 5]
     assert rollouts("resumed") == rollouts("clean")[2:]
     # Not a vacuous comparison: the updates had a signal and moved the weights.
-    assert any(r["grad_norm"] > 0 for r in read_metrics(clean / "metrics.jsonl")[2:])
+    assert any(r["grad_norm"] > 0 for r in read_log(clean / "metrics.jsonl")[2:])
     before = load_file(sft_base / "model.safetensors")
     after = load_file(clean / "final" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -3,12 +3,7 @@
 import pytest
 import torch
 
-from stacklab.rl.advantages import (
-    dropped_fraction,
-    group_advantages,
-    informative_groups,
-    overlong_penalty,
-)
+from stacklab.rl.advantages import group_advantages, informative_groups, overlong_penalty
 
 # Three groups of four answers: mixed, all equal (no signal), one winner.
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
@@ -48,11 +43,9 @@ def test_rejects_groups_of_one_and_unknown_scale():
         group_advantages(REWARDS, "rank")
 
 
-def test_informative_groups_and_dropped_fraction():
-    keep = informative_groups(REWARDS)
-    assert keep.tolist() == [True, False, True]
-    assert dropped_fraction(keep) == pytest.approx(1 / 3)
-    assert dropped_fraction(informative_groups(torch.zeros(4, 2))) == 1.0
+def test_informative_groups_are_those_with_unequal_rewards():
+    assert informative_groups(REWARDS).tolist() == [True, False, True]
+    assert not informative_groups(torch.zeros(4, 2)).any()
 
 
 def test_overlong_penalty_values():

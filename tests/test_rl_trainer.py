@@ -17,7 +17,7 @@ from stacklab.rl import trainer
 from stacklab.rl.advantages import group_advantages
 from stacklab.rl.trainer import (
     RL_STAGE,
-    Batch,
+    RolloutBatch,
     collect,
     loss_kwargs,
     pad_episodes,
@@ -27,7 +27,8 @@ from stacklab.rl.trainer import (
     train_rl,
     update,
 )
-from stacklab.train.checkpoint import load_model, save_model
+from stacklab.train.checkpoint import load_model, write_model
+from stacklab.train.trainer import OptimizerStep
 
 TASK = ArithmeticTask(ops=["+"], min_digits=1, max_digits=1, eval_fraction=0.2)
 
@@ -61,7 +62,7 @@ def recipe(**rl: object) -> Recipe:
 
 def tiny_model(vocab: int, seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64), vocab)
+    return build_model(ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64).build(), vocab)
 
 
 def fake_generate(tok, answer):
@@ -78,6 +79,13 @@ def fake_generate(tok, answer):
         return outs
 
     return generate
+
+
+def sgd(model, lr: float, cfg: RLConfig) -> OptimizerStep:
+    """Plain SGD at a constant rate, clipped as the trainer clips RL's updates."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return OptimizerStep(model, optimizer, scheduler, cfg.grad_clip)
 
 
 def right(question: str) -> str:
@@ -236,23 +244,22 @@ def test_update_raises_the_logprob_of_rewarded_answers(tok, monkeypatch) -> None
     r = recipe(prompts_per_step=1, group_size=2, minibatch_size=2, lr=1e-2)
     model = tiny_model(tok.get_vocab_size())
     batch, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
-    batch = Batch(
+    batch = RolloutBatch(
         batch.episodes, batch.env_names, torch.tensor([1.0, -1.0]), batch.rewards, 1, 0, 0
     )
     inputs, targets, mask, _ = pad_episodes(batch.episodes)
     before = token_logprobs(model, inputs, targets, 1.0)[0].detach()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    stats = update(model, None, optimizer, scheduler, batch, r.rl, r.seed, step=1)
+    optimizer_step = sgd(model, lr=0.5, cfg=r.rl)
+    stats = update(model, None, optimizer_step, batch, r.rl, r.seed, step=1)
     after = token_logprobs(model, inputs, targets, 1.0)[0].detach()
     # Both episodes hold the same tokens, so the ±1 advantages cancel: nothing to learn...
     assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
     assert torch.allclose(before, after, atol=1e-6)
     # ...while a lone positive advantage raises the sampled tokens' log-probs.
-    batch = Batch(
+    batch = RolloutBatch(
         batch.episodes[:1], ["arithmetic"], torch.tensor([1.0]), batch.rewards[:1], 1, 0, 0
     )
-    update(model, None, optimizer, scheduler, batch, r.rl, r.seed, step=2)
+    update(model, None, optimizer_step, batch, r.rl, r.seed, step=2)
     later = token_logprobs(model, inputs, targets, 1.0)[0].detach()
     assert ((later - after)[0][mask[0]] > 0).all()
     assert stats["entropy"] > 0 and "logprob_drift" in stats and "kl_old" in stats
@@ -264,9 +271,7 @@ def test_kl_to_the_reference_is_logged_and_zero_at_the_start(tok, monkeypatch) -
     model = tiny_model(tok.get_vocab_size())
     ref = tiny_model(tok.get_vocab_size()).requires_grad_(False)
     batch, _ = collect(model, tok, task_sources(r), r.rl, r.seed, step=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    stats = update(model, ref, optimizer, scheduler, batch, r.rl, r.seed, step=1)
+    stats = update(model, ref, sgd(model, lr=0.0, cfg=r.rl), batch, r.rl, r.seed, step=1)
     assert stats["kl_ref"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -276,7 +281,8 @@ def test_kl_to_the_reference_is_logged_and_zero_at_the_start(tok, monkeypatch) -
 def test_train_rl_writes_a_model_and_resumes_bit_exactly(tmp_path: Path, tok) -> None:
     """Real sampling from a tiny model: 3 steps straight vs 2 steps, then resumed to 3."""
     base = tmp_path / "base"
-    save_model(tiny_model(tok.get_vocab_size()), base)
+    model = tiny_model(tok.get_vocab_size())
+    write_model(base, model.cfg, model.vocab_size, model.state_dict())
     r = recipe(steps=3, ckpt_every=2)
     straight = train_rl(r, tok, base, tmp_path / "a")
     short = recipe(steps=2, ckpt_every=2)

@@ -34,7 +34,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=512)
+    cfg = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=512).build()
     return build_model(cfg, tok.get_vocab_size())
 
 

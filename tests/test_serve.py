@@ -28,7 +28,7 @@ from stacklab.data.tokenizer import IM_END, load_tokenizer, save_tokenizer, trai
 from stacklab.model.generation import generate
 from stacklab.model.transformer import build_model
 from stacklab.recipe import ModelConfig, TokenizerConfig
-from stacklab.train.checkpoint import load_model, save_model
+from stacklab.train.checkpoint import load_model, write_model
 
 try:
     import fastapi
@@ -91,7 +91,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=400, min_frequency=1))
     save_tokenizer(tok, run / "tokenizer")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=CONTEXT), 400)
+    cfg = ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=CONTEXT).build()
+    model = build_model(cfg, 400)
     rows = [encode_chat(tok, c) for c in conversations]
     width = max(len(ids) for ids, _ in rows)
     inputs = torch.zeros(len(rows), width - 1, dtype=torch.long)
@@ -113,7 +114,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 break
     finally:
         torch.set_num_threads(threads)
-    save_model(model, run / "sft" / "final")
+    write_model(run / "sft" / "final", model.cfg, model.vocab_size, model.state_dict())
     return run
 
 

@@ -17,7 +17,6 @@ from stacklab.train.sft_data import (
     IGNORE,
     load_conversations,
     pack_sft,
-    sft_loss,
     task_conversations,
 )
 
@@ -125,10 +124,10 @@ def test_loss_is_cross_entropy_over_exactly_the_assistant_positions(tok):
     rows = pack_sft(tok, [TOOL_CHAT], seq_len=len(ids), seed=0)  # one row, no padding
     assert rows.inputs[0].tolist() == ids
     torch.manual_seed(0)
-    cfg = ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=len(ids))
+    cfg = ModelConfig(depth=2, aspect=32, head_dim=16, max_seq_len=len(ids)).build()
     model = build_model(cfg, tok.get_vocab_size())
 
-    loss = sft_loss(model, rows.inputs, rows.targets)
+    loss = model(rows.inputs, rows.targets).loss  # what an SFT step trains on
     logits = model(rows.inputs).logits[0].float()  # [T, V]
     # Position t predicts token t + 1; it counts iff the assistant wrote token t + 1.
     positions = [t for t in range(len(ids) - 1) if mask[t + 1]]

@@ -35,7 +35,8 @@ from stacklab.pipeline import build, stage_keys
 from stacklab.recipe import apply_overrides, load_recipe, recipe_from_dict
 from stacklab.stages import STAGES
 from stacklab.tracking import RoundTracker, Tracker, TrackingWarning
-from stacklab.train.pretrain import MetricsLog, pretrain, read_metrics
+from stacklab.train.log import MetricsLog, read_log
+from stacklab.train.pretrain import pretrain
 from test_posttrain_build import POST
 from test_pretrain import make_shards, one_thread, tiny_recipe  # noqa: F401 (a fixture)
 
@@ -139,7 +140,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_and_resume_drops_the_lost_steps
     shards = make_shards(tmp_path / "shards")
     recipe = tiny_recipe(log={"trackers": ["tensorboard"]})
     pretrain(recipe, shards, tmp_path / "clean")
-    records = read_metrics(tmp_path / "clean" / "metrics.jsonl")
+    records = read_log(tmp_path / "clean" / "metrics.jsonl")
     acc = tb_run(tmp_path / "clean" / "tensorboard")
     assert tb_scalars(acc) == expected(records, "pretrain", f32=True)
     assert {"pretrain/loss", "pretrain/lr", "pretrain/mfu"} <= set(tb_scalars(acc))
@@ -166,7 +167,7 @@ def test_wandb_offline_run_holds_every_logged_metric(tmp_path: Path) -> None:
     shards = make_shards(tmp_path / "shards")
     recipe = tiny_recipe(log={"trackers": ["wandb"], "project": "stacklab-test"})
     pretrain(recipe, shards, tmp_path / "work")
-    records = read_metrics(tmp_path / "work" / "metrics.jsonl")
+    records = read_log(tmp_path / "work" / "metrics.jsonl")
     run, rows = wandb_run(tmp_path / "work")
     assert run.project == "stacklab-test" and run.job_type == "pretrain"
     assert run.display_name == f"unnamed-{recipe.hash()[:8]}/pretrain"
@@ -194,7 +195,7 @@ def test_trackio_run_holds_every_logged_metric(
     recipe = tiny_recipe(log={"trackers": ["trackio"], "project": project})
     try:
         pretrain(recipe, shards, tmp_path / "work")
-        records = read_metrics(tmp_path / "work" / "metrics.jsonl")
+        records = read_log(tmp_path / "work" / "metrics.jsonl")
         (name,) = SQLiteStorage.get_runs(project)
         assert name == f"unnamed-{recipe.hash()[:8]}/pretrain"
         logs = {row["step"]: row for row in SQLiteStorage.get_logs(project, name)}
@@ -235,7 +236,7 @@ def test_a_build_logs_pretrain_sft_and_rl_and_shares_the_untracked_cache(tmp_pat
     cache = tmp_path / "cache"
     result = build(tracked, tmp_path / "run", STAGES, cache, until="rl")
     for stage in ("pretrain", "sft", "rl"):
-        records = read_metrics(tmp_path / "run" / stage / "metrics.jsonl")
+        records = read_log(tmp_path / "run" / stage / "metrics.jsonl")
         acc = tb_run(tmp_path / "run" / stage / "tensorboard")
         assert tb_scalars(acc) == expected(records, stage, f32=True)
     assert "log:" in (tmp_path / "run" / "recipe.yaml").read_text()
@@ -281,9 +282,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(
     assert len(ours) == 1
     assert "tracker 'wandb' failed (OSError: disk full)" in str(ours[0].message)
     assert "metrics.jsonl is still written" in str(ours[0].message)
-    assert [r["step"] for r in read_metrics(tmp_path / "work" / "metrics.jsonl")] == list(
-        range(1, 13)
-    )
+    assert [r["step"] for r in read_log(tmp_path / "work" / "metrics.jsonl")] == list(range(1, 13))
     assert metrics["pretrain/tokens"] > 0
     assert Boom.logged == {"init": [], "log": [1, 2, 3], "close": list(range(1, 13))}[fail_on]
 
@@ -342,7 +341,7 @@ def test_round_logs_every_finished_run_tagged_with_subset_and_seed(tmp_path: Pat
     result = integrate(round_file, tmp_path / "out", console=console)
     with RunStore(f"sqlite:///{tmp_path / 'out' / 'runs.db'}") as store:
         done = store.runs(status="done")
-    assert len(done) == result.decision["runs"]["executed"] > 0
+    assert len(done) == result.decision.runs.executed > 0
     root = tmp_path / "out" / "tracking" / "round"
     folders = sorted(root.glob("*/seed*/tensorboard"))
     assert len(folders) == len(done)

@@ -1,23 +1,27 @@
-"""The transformer: shapes, causality, RoPE, KV-cache decoding, padding, sizes."""
+"""The transformer: shapes, causality, RoPE, KV-cache decoding, padding, sizes, the
+`logits` request, and a model package that stands without the recipe."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from stacklab.model.config import MoEConfig, TransformerConfig
 from stacklab.model.layers import RMSNorm, apply_rope, rope_tables
 from stacklab.model.transformer import build_model
-from stacklab.recipe import ModelConfig, MoEConfig
+from stacklab.recipe import ModelConfig
 
 V = 97
 
 
-def tiny(moe: bool = False, **kw) -> ModelConfig:
+def tiny(moe: bool = False, **kw) -> TransformerConfig:
     base = dict(depth=2, aspect=32, head_dim=16, max_seq_len=64)
     base.update(kw)
     if moe:
         base["moe"] = MoEConfig(enabled=True, num_experts=4, top_k=2, first_k_dense=1)
-    return ModelConfig(**base)
+    return TransformerConfig(**base)
 
 
 @pytest.fixture(params=["dense", "moe", "untied-noqk"])
@@ -151,3 +155,66 @@ def test_moe_active_params() -> None:
     d = cfg.dims()
     per_expert = 3 * d.d_model * d.expert_hidden
     assert m.num_params() - m.num_params(active=True) == (4 - 2) * per_expert
+
+
+def test_logits_requests(model) -> None:
+    """Each `logits` request gives what it names, and the same numbers as the full head."""
+    ids = torch.randint(0, V, (2, 7))
+    targets = torch.randint(0, V, (2, 7))
+    full = model(ids, targets)
+    assert torch.allclose(model(ids, logits="last").logits, full.logits[:, -1:], atol=1e-6)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2], mask[1, 5] = True, True
+    assert torch.allclose(model(ids, logits=mask).logits, full.logits[mask], atol=1e-6)
+    loss_only = model(ids, targets, logits=None)
+    assert loss_only.logits is None
+    assert torch.allclose(loss_only.loss, full.loss, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("targets", "logits", "message"),
+    [
+        (None, None, "needs targets"),
+        (True, "last", "targets are scored at every position"),
+        (True, "mask", "targets are scored at every position"),
+        (None, "first", "logits must be"),
+        (None, "int_mask", "must be bool"),
+    ],
+)
+def test_logits_requests_that_cannot_be_honoured_are_errors(
+    model, targets: bool | None, logits: object, message: str
+) -> None:
+    ids = torch.randint(0, V, (2, 7))
+    if logits == "mask":
+        logits = torch.ones(2, 7, dtype=torch.bool)
+    elif logits == "int_mask":
+        logits = torch.ones(2, 7, dtype=torch.long)
+    with pytest.raises(ValueError, match=message):
+        model(ids, ids if targets else None, logits=logits)
+
+
+def test_the_model_needs_its_own_config() -> None:
+    with pytest.raises(TypeError, match=r"recipe\.model\.build\(\)"):
+        build_model(ModelConfig(depth=1), V)  # the recipe's section, not the model's config
+
+
+def test_the_model_package_does_not_import_the_recipe() -> None:
+    """The model is a library (export, chat, serving load it without a recipe): importing
+    every module of `stacklab.model` must not import `stacklab.recipe`, even indirectly."""
+    from pathlib import Path
+
+    import stacklab.model.transformer as transformer
+
+    package = Path(transformer.__file__).parent
+    modules = sorted(f"stacklab.model.{f.stem}" for f in package.glob("*.py") if f.stem[0] != "_")
+    assert {"stacklab.model.config", "stacklab.model.generation"} <= set(modules)
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('stacklab')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = eval(done.stdout)  # a printed list of module names
+    assert "stacklab.model.generation" in loaded
+    assert "stacklab.recipe" not in loaded, loaded

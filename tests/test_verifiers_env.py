@@ -24,14 +24,14 @@ from stacklab.model.transformer import build_model
 from stacklab.recipe import ArithmeticTask, EvalConfig, ModelConfig, Recipe, RLConfig
 from stacklab.recipe import TokenizerConfig as TokCfg
 from stacklab.rl import trainer
-from stacklab.train.checkpoint import load_model, save_model
+from stacklab.train.checkpoint import load_model, write_model
 from stacklab.train.sft import sft
 from stacklab.train.sft_data import task_conversations
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "verifiers_env.py"
 NAME = f"verifiers:{EXAMPLE}:load_environment"
 TASK = ArithmeticTask(ops=["+"], min_digits=1, max_digits=1, eval_fraction=0.2)
-MODEL = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64)
+MODEL = ModelConfig(depth=1, aspect=16, head_dim=16, max_seq_len=64).build()
 TOOL_CALL = '<tool_call>\n{"name": "calculator", "arguments": {}}\n</tool_call>'
 
 
@@ -216,7 +216,8 @@ def sft_base(tok, tmp_path_factory) -> Path:
     always rightly, so rewards differ within a group and greedy answers get scored."""
     torch.manual_seed(0)
     base = tmp_path_factory.mktemp("base") / "final"
-    save_model(build_model(MODEL, tok.get_vocab_size()), base)
+    vocab = tok.get_vocab_size()
+    write_model(base, MODEL, vocab, build_model(MODEL, vocab).state_dict())
     recipe = Recipe(seed=5)
     recipe.data.tasks = [TASK]
     cfg = recipe.sft

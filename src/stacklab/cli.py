@@ -423,7 +423,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True)
     write_model(args.out / "pretrain" / "final", cfg, vocab_size, state)
     save_tokenizer(load_tokenizer(tokenizer_path), args.out / "tokenizer")
-    recipe = Recipe(name=f"import:{args.hf_dir.name}", model=cfg)
+    recipe = Recipe(name=f"import:{args.hf_dir.name}", model=cfg.to_dict())
     write_atomic(args.out / "recipe.yaml", recipe.to_yaml())
     console.print(f"imported {args.hf_dir} → {args.out} ({vocab_size} tokens, depth {cfg.depth})")
     return 0
@@ -526,19 +526,19 @@ def cmd_integrate(args: argparse.Namespace) -> int:
 
     result = integrate(args.round, args.out, console=console)
     d = result.decision
-    table = Table(title=f"round {d['round']}: decisions")
+    table = Table(title=f"round {d.round}: decisions")
     for col in ("contribution", "decision", "evidence"):
         table.add_column(col)
-    for row in d["decisions"]:
-        color = {"accepted": "green", "shelved": "yellow"}.get(row["status"], "magenta")
-        table.add_row(escape(row["id"]), f"[{color}]{row['status']}[/]", escape(row["reason"]))
+    for row in d.decisions:
+        color = {"accepted": "green", "shelved": "yellow"}.get(row.status, "magenta")
+        table.add_row(escape(row.id), f"[{color}]{row.status}[/]", escape(row.reason))
     console.print(table)
-    runs = d["runs"]
+    runs = d.runs
     console.print(
-        f"selected: {', '.join(d['selected']) or 'nothing'}"
-        + (f"; undecided: {', '.join(d['undecided'])}" if d.get("undecided") else "")
-        + f"; runs: {runs['executed']} executed, {runs['reused']} reused, {runs['failed']} failed"
-        + (f", {runs['stale']} stale set aside" if runs.get("stale") else "")
+        f"selected: {', '.join(d.selected) or 'nothing'}"
+        + (f"; undecided: {', '.join(d.undecided)}" if d.undecided else "")
+        + f"; runs: {runs.executed} executed, {runs.reused} reused, {runs.failed} failed"
+        + (f", {runs.stale} stale set aside" if runs.stale else "")
     )
     return 0
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from stacklab.errors import StacklabError
-from stacklab.fileio import write_atomic
+from stacklab.fileio import publish_dir, replace_symlink, write_atomic
 from stacklab.recipe import Recipe, canonical_hash
 
 MARKER = "_COMPLETE.json"
@@ -181,9 +181,7 @@ class StageCache:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             write_atomic(tmp / MARKER, json.dumps(record, indent=2))
-            _fsync_dir(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            publish_dir(tmp, final)
             return metrics, False
 
 
@@ -394,21 +392,11 @@ def _package_root(file: Path, module: str) -> Path | None:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _link(link: Path, target: Path) -> None:
     """Point `link` at `target`, replacing an older link atomically."""
     if link.exists() and not link.is_symlink():
         raise StacklabError(f"{link} exists and is not a stage link; choose another --out")
-    tmp = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
-    tmp.symlink_to(target.resolve(), target_is_directory=True)
-    os.replace(tmp, link)
+    replace_symlink(link, target.resolve())
 
 
 @contextmanager

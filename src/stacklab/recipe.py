@@ -19,12 +19,10 @@ as those parts land.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -37,8 +35,10 @@ from pydantic import (
     model_validator,
 )
 
-from stacklab.builtin import RECIPES_DIR
-from stacklab.errors import RecipeError
+from stacklab import builtin
+from stacklab.errors import RecipeError, describe_validation_error, suggest
+from stacklab.model import config as model_config
+from stacklab.model.config import ModelDims, TransformerConfig
 
 
 class Section(BaseModel):
@@ -283,17 +283,9 @@ class MoEConfig(Section):
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         return self
 
-
-class ModelDims(BaseModel):
-    """Every size of a model, resolved from the `depth` dial and any explicit settings."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_hidden: int
-    expert_hidden: int
+    def build(self) -> model_config.MoEConfig:
+        """The MoE layer's own config (`stacklab.model.config.MoEConfig`)."""
+        return model_config.MoEConfig(**self.model_dump())
 
 
 class ModelConfig(Section):
@@ -301,6 +293,8 @@ class ModelConfig(Section):
 
     `depth` is the one dial: layers = depth, width = depth × `aspect`, heads of `head_dim`.
     Any size set explicitly wins over the derived one; `dims()` resolves them all.
+    The model itself reads the `TransformerConfig` that `build()` returns; its fields and
+    defaults are these, one for one (tests/test_recipe.py checks).
     """
 
     depth: int = Field(4, ge=1)
@@ -318,23 +312,13 @@ class ModelConfig(Section):
     init_std: float = Field(0.02, gt=0)
     moe: MoEConfig = Field(default_factory=MoEConfig)
 
+    def build(self) -> TransformerConfig:
+        """The model's own config: what `build_model`, checkpoints and export read."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return TransformerConfig(**fields | {"moe": self.moe.build()})
+
     def dims(self) -> ModelDims:
-        d_model = self.d_model or self.depth * self.aspect
-        n_heads = self.n_heads or max(1, d_model // self.head_dim)
-        n_kv = self.n_kv_heads or max(1, n_heads // 2)
-        if n_heads % n_kv:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
-        ffn = self.ffn_hidden or 64 * -(-(8 * d_model // 3) // 64)
-        expert = self.moe.expert_hidden or max(8, ffn // self.moe.top_k)
-        return ModelDims(
-            n_layers=self.depth,
-            d_model=d_model,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            head_dim=self.head_dim,
-            ffn_hidden=ffn,
-            expert_hidden=expert,
-        )
+        return self.build().dims()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -755,7 +739,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     this file's values are merged over it (mappings merge key by key; lists and values
     replace). Relative data paths are resolved against the folder of the file that names them.
     """
-    file = resolve_recipe_path(path)
+    file = builtin.resolve("recipe", path, error=RecipeError)
     recipe = recipe_from_dict(_read_raw(file), origin=str(file))
     if overrides:
         recipe = apply_overrides(recipe, overrides)
@@ -789,8 +773,7 @@ def _read_raw(file: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise RecipeError(f"{file}: base must be a recipe name or path, got {base!r}")
-    beside = file.parent / base
-    base_file = beside if beside.is_file() else resolve_recipe_path(base)
+    base_file = builtin.resolve("recipe", base, beside=file.parent, error=RecipeError)
     if base_file.resolve() in (*children, file.resolve()):
         raise RecipeError(f"{file}: base recipes form a cycle through {base_file}")
     return _merge(_read_raw(base_file, (*children, file.resolve())), raw)
@@ -806,25 +789,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def resolve_recipe_path(path: str | Path) -> Path:
-    file = Path(path)
-    if file.is_file():
-        return file
-    builtin = RECIPES_DIR / f"{path}.yaml"
-    if not file.suffix and builtin.is_file():
-        return builtin
-    choices = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise RecipeError(
-        f"recipe file not found: {path} (built-in recipes: {', '.join(choices) or 'none'})"
-    )
-
-
 def recipe_from_dict(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
     """Validate a plain dict as a Recipe, turning pydantic errors into one-line RecipeErrors."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{origin}: {_describe(exc, raw)}") from None
+        raise RecipeError(f"{origin}: {describe_validation_error(exc, Recipe)}") from None
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -860,7 +830,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
             if part not in node:
                 raise RecipeError(
                     f"bad override {item!r}: unknown key '{'.'.join(parts[: depth + 1])}'"
-                    + _suggest(part, list(node))
+                    + suggest(part, list(node))
                 )
             index = part
         else:
@@ -872,94 +842,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str) -> None:
 
 
 # --------------------------------------------------------------------------- error messages
-
-
-def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
-    """The first validation error as one line naming the dotted key."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    dotted = _dotted(loc)
-    if err["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        return f"unknown key '{dotted}'" + _suggest(str(loc[-1]), valid)
-    if err["type"] == "union_tag_invalid":
-        ctx = err.get("ctx", {})
-        return (
-            f"{dotted or 'value'}: unknown {ctx.get('discriminator', 'kind')} "
-            f"{ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
-        )
-    if err["type"] == "union_tag_not_found":
-        ctx = err.get("ctx", {})
-        return f"{dotted}: missing {ctx.get('discriminator', 'kind')}"
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
-    return f"{dotted or 'recipe'}: {err['msg']}{shown}{more}"
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the discriminator tag of a union member into `loc`; drop it for display.
-    parts: list[str] = []
-    node: Any = Recipe
-    for part in loc:
-        node, is_tag = _step(node, part)
-        if not is_tag:
-            parts.append(str(part))
-    return ".".join(parts)
-
-
-def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    node: Any = Recipe
-    for part in loc:
-        node, _ = _step(node, part)
-    node = _unwrap(node)
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return list(node.model_fields)
-    return []
-
-
-def _unwrap(tp: Any) -> Any:
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    return tp
-
-
-def _step(node: Any, part: Any) -> tuple[Any, bool]:
-    """Move one `loc` step down the type tree; report whether the step was a union tag."""
-    node = _unwrap(node)
-    origin = get_origin(node)
-    if origin in (list, tuple):
-        return get_args(node)[0], False
-    if origin is dict:
-        return get_args(node)[1], False
-    if origin in (Union, types.UnionType):
-        for member in get_args(node):
-            member = _unwrap(member)
-            if isinstance(member, type) and issubclass(member, BaseModel) and _is_tag(member, part):
-                return member, True
-        return node, False
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        if part in node.model_fields:
-            return node.model_fields[part].annotation, False
-        if _is_tag(node, part):  # a one-member discriminated union still adds its tag
-            return node, True
-    return Any, False
-
-
-def _is_tag(model: type[BaseModel], part: Any) -> bool:
-    for tag_field in ("kind", "name"):
-        field = model.model_fields.get(tag_field)
-        if field is not None and get_args(field.annotation) == (part,):
-            return True
-    return False
-
-
-def _suggest(word: str, valid: list[str]) -> str:
-    if not valid:
-        return ""
-    close = difflib.get_close_matches(word, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"{hint} (valid keys: {', '.join(valid)})"
 
 
 def _one_line(exc: Exception) -> str:

@@ -426,7 +426,7 @@ class Engine:
         else:  # exactly generate()'s prefill
             positions = torch.arange(n, device=device)[None]
             out = model(ids, cache=cache, positions=positions, key_mask=key_mask[:, :n],
-                        last_only=True)  # fmt: skip
+                        logits="last")  # fmt: skip
             logits = out.logits[:, -1]
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=device).manual_seed(seed)

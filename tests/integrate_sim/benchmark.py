@@ -51,6 +51,7 @@ from stacklab.integrate.effects import fit_effects
 from stacklab.integrate.engine import integrate
 from stacklab.integrate.round import Round, load_round
 from stacklab.integrate.select import candidate_subsets, choose, pareto_front
+from stacklab.integrate.utility import utility as engine_utility
 
 T_95_DF2 = 2.92  # one-sided 95% quantile of Student's t with 2 degrees of freedom
 Subset = frozenset[int]
@@ -89,9 +90,9 @@ def run_engine(scenario: Scenario, root: Path, budget: int) -> tuple[Round, Engi
     round_file = write_round(root, scenario, budget=budget)
     rnd = load_round(round_file)
     d = integrate(round_file, root / "out", Console(file=io.StringIO())).decision
-    kinds = {x["id"]: x["kind"] for x in d["decisions"] if x["status"] == "shelved"}
-    selected = frozenset(rnd.ids.index(c) for c in d["selected"])
-    return rnd, EngineResult(selected, d["runs"]["total"], kinds == scenario.kinds)
+    kinds = {x.id: x.kind for x in d.decisions if x.status == "shelved"}
+    selected = frozenset(rnd.ids.index(c) for c in d.selected)
+    return rnd, EngineResult(selected, d.runs.total, kinds == scenario.kinds)
 
 
 def true_best(rnd: Round, scenario: Scenario) -> Subset:
@@ -259,7 +260,7 @@ def optuna_pick(
     the runs those trials spent.
 
     "best": among the feasible trials on the Pareto front of the round's objectives, the
-    highest utility. Utility and feasibility are the engine's (`select.utility_fn`,
+    highest utility. Utility and feasibility are the engine's (`utility.utility`,
     `select.choose`): sum of weight x sign x change from the baseline / scale, scale = the
     objective's own or one run's noise sd after the seed effect; the baseline is always
     feasible. Here on the measured means, as a practitioner reads them, not on a fitted model.
@@ -278,15 +279,16 @@ def optuna_pick(
         s for s in measured if not s or max(guardrail_slack(rnd, world, s), default=0.0) <= 0.0
     ]
     k = len(rnd.seeds)
-    utility = dict.fromkeys(feasible, 0.0)
     var_diff = 0.0  # variance of a utility difference of two subsets (paired seeds)
+    scales = {}
     for o in rnd.objectives:
         sd = _noise_sd(rnd, world, measured, o.name)
-        scale = o.scale or (sd if sd > 0 else 1.0)
-        sign = 1.0 if o.direction == "max" else -1.0
-        for s in feasible:
-            utility[s] += o.weight * sign * (means[s][o.name] - means[base][o.name]) / scale
-        var_diff += (o.weight * sd / scale) ** 2 * 2.0 / k
+        scales[o.name] = o.scale or (sd if sd > 0 else 1.0)
+        var_diff += (o.weight * sd / scales[o.name]) ** 2 * 2.0 / k
+    utility = {
+        s: engine_utility({m: means[s][m] - means[base][m] for m in scales}, rnd.objectives, scales)
+        for s in feasible
+    }
     front = pareto_front(
         {s: [means[s][o.name] for o in rnd.objectives] for s in feasible},
         [o.direction for o in rnd.objectives],

@@ -54,8 +54,9 @@ from integrate_sim.scenarios import (
     write_round,
 )
 from stacklab.integrate.engine import integrate
+from stacklab.integrate.record import DecisionRecord
 from stacklab.integrate.round import RoundError
-from stacklab.recipe import get_dotted, load_recipe, resolve_recipe_path
+from stacklab.recipe import get_dotted, load_recipe
 
 # Each mode: the rungs its round names (the budget is the same in cost units for all).
 MODES: dict[str, tuple[str, ...]] = {"ladder": ("s", "m"), "m only": ("m",), "s only": ("s",)}
@@ -68,7 +69,7 @@ LR_FACTORS = (0.5, 1.0, 2.0)  # the learning rates lr_tuning tries, x the baseli
 @cache
 def baseline_value(key: str) -> Any:
     """The built-in tiny recipe's value at a dotted key (what every scenario starts from)."""
-    return get_dotted(load_recipe(resolve_recipe_path("tiny")).model_dump(mode="json"), key)
+    return get_dotted(load_recipe("tiny").model_dump(mode="json"), key)
 
 
 def rung_named(scenario: Scenario, name: str) -> dict[str, Any]:
@@ -189,13 +190,11 @@ class Outcome:
         return self.selected == self.best
 
 
-def units_used(decision: Mapping[str, Any], rungs: Sequence[Mapping[str, Any]]) -> float:
+def units_used(decision: DecisionRecord, rungs: Sequence[Mapping[str, Any]]) -> float:
     """Cost units the round used: the ladder's own count, else runs x the one rung's cost."""
-    ladder = decision.get("ladder") or {}
-    if "units_used" in ladder:
-        return float(ladder["units_used"])
-    runs = int((decision.get("runs") or {}).get("executed", 0))
-    return runs * float(rungs[0].get("cost", 1))
+    if decision.ladder is not None:
+        return decision.ladder.units_used
+    return decision.runs.executed * float(rungs[0].get("cost", 1))
 
 
 def run_mode(
@@ -233,7 +232,7 @@ def run_mode(
         )
     seconds = time.perf_counter() - start
     decision = result.decision
-    selected = frozenset(decision["selected"])
+    selected = frozenset(decision.selected)
     right = {c: (c in selected) == (c in best) for c in scenario.contributions}
     return Outcome(
         mode=mode,
@@ -243,9 +242,9 @@ def run_mode(
         right=right,
         patterns=scenario.patterns,
         units=units_used(decision, rungs),
-        runs=int((decision.get("runs") or {}).get("total", 0)),
+        runs=decision.runs.total,
         seconds=seconds,
-        undecided=len(decision.get("undecided") or {}),
+        undecided=len(decision.undecided),
     )
 
 

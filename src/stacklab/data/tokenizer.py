@@ -31,10 +31,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from stacklab.errors import DataError
 from stacklab.fileio import write_atomic
-from stacklab.recipe import TokenizerConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+    # Annotations only: the model package imports this module's token ids and must not
+    # import the recipe (tests/test_transformer.py checks).
+    from stacklab.recipe import TokenizerConfig
 
 EOT = "<|endoftext|>"  # document boundary; also the end-of-sequence token
 PAD = "<|pad|>"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Literal
+from typing import Any
 
 from stacklab.data.tasks import Split
 from stacklab.envs.agent_env import (
@@ -37,7 +37,6 @@ from stacklab.envs.tools import Toolbox
 
 AGENT_ENVS = ("calculator", "lookup")
 VERIFIERS_PREFIX = "verifiers:"  # then a taskset id, MODULE:ATTR or FILE.py:ATTR
-AgentName = Literal["calculator", "lookup"]
 
 _QUESTION = re.compile(r"(?:What|Who) is the (.+)\?")
 

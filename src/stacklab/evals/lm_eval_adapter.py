@@ -264,7 +264,7 @@ class StacklabLM(LM):
                     scored[b, len(inp) - len(cont) : len(inp)] = True
                     targets += cont
                 ids, scored = ids.to(device), scored.to(device)
-                logits = self.model(ids, logits_mask=scored).logits  # [N scored, V]
+                logits = self.model(ids, logits=scored).logits  # [N scored, V]
                 logprobs = F.log_softmax(logits.float(), dim=-1)
                 target = torch.tensor(targets, device=device)
                 picked = logprobs.gather(-1, target[:, None])[:, 0].double()

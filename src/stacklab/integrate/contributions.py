@@ -28,17 +28,16 @@ they are in one choice group, and a subset is allowed only if it takes at most o
 each group.
 
 During a round, reports show blind ids (`c-1a2b3c`), never ids or authors, so that evidence is
-read without knowing whose work it is; `reveal` maps them back for the final credit table.
+read without knowing whose work it is; authors appear only in the final credit table.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -50,6 +49,7 @@ from pydantic import (
     model_validator,
 )
 
+from stacklab.errors import describe_validation_error
 from stacklab.integrate.configs import Baseline, ContributionError, RecipeBaseline
 from stacklab.recipe import Recipe, canonical_hash, get_dotted
 
@@ -63,8 +63,6 @@ _REF = re.compile(r"[^\s-]\S*")
 __all__ = [
     "Contribution",
     "ContributionError",
-    "Revealed",
-    "allowed",
     "apply_subset",
     "as_baseline",
     "blind_ids",
@@ -72,7 +70,6 @@ __all__ = [
     "conflicts",
     "load_contributions",
     "patch_subset",
-    "reveal",
 ]
 
 
@@ -158,13 +155,6 @@ class Contribution(BaseModel):
         return self
 
 
-class Revealed(NamedTuple):
-    """Who is behind a blind id."""
-
-    id: str
-    author: str
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -229,23 +219,8 @@ def _read(file: Path) -> Contribution:
     try:
         return Contribution.model_validate({**raw, "source": file})
     except ValidationError as exc:
-        raise ContributionError(f"{file}: {_describe(exc)}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    # A misspelt field also reports the real one missing: name the misspelling first.
-    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    field = ".".join(str(part) for part in err["loc"])
-    if not field:  # a check of the whole contribution
-        return err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, _fields(), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown field '{field}'{hint} (valid fields: {', '.join(_fields())})"
-    if err["type"] == "missing":
-        return f"missing field '{field}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"field '{field}': {msg}"
+        why = describe_validation_error(exc, Contribution, noun="field", hidden=["source"])
+        raise ContributionError(f"{file}: {why}") from None
 
 
 def _fields() -> list[str]:
@@ -337,11 +312,6 @@ def components(nodes: Iterable[T], pairs: Iterable[tuple[T, T]]) -> list[list[T]
     return sorted(groups)
 
 
-def allowed(subset: AbstractSet[str], groups: list[list[str]]) -> bool:
-    """True when the subset takes at most one member of every choice group."""
-    return all(len(subset.intersection(group)) <= 1 for group in groups)
-
-
 def apply_subset(
     baseline: Recipe, contribs: Iterable[Contribution], subset: AbstractSet[str]
 ) -> Recipe:
@@ -410,10 +380,3 @@ def blind_ids(contribs: Iterable[Contribution]) -> dict[str, str]:
     if len(set(blind.values())) != len(blind):
         raise ContributionError("two contributions got the same blind id; rename one of them")
     return blind
-
-
-def reveal(contribs: Iterable[Contribution]) -> dict[str, Revealed]:
-    """blind id -> (id, author): only for the final credit table, after decisions are made."""
-    contribs = list(contribs)
-    authors = {c.id: c.author for c in contribs}
-    return {b: Revealed(cid, authors[cid]) for cid, b in blind_ids(contribs).items()}

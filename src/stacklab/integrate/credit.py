@@ -83,7 +83,7 @@ def credit_with_intervals(
     """Shapley/Banzhaf/marginal credit with 95% intervals for final and shelved contributions.
 
     `value` is a fitted effects model (its predicted delta vs the baseline is the game) or any
-    function subset -> (estimate, draws [D]), such as `select.utility_fn(...)`.
+    function subset -> (estimate, draws [D]), such as `utility.UtilityDraws(...)`.
     """
     final_set = frozenset(int(i) for i in final)
     shelved_list = sorted({int(i) for i in shelved})

@@ -11,14 +11,29 @@ to) the final recipe decided; else what its comparison alone showed on the scree
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 from stacklab.integrate.credit import MAX_PLAYERS, Credit, credit_with_intervals
-from stacklab.integrate.planner import Subset, UtilityDraws
+from stacklab.integrate.planner import Subset
+from stacklab.integrate.record import (
+    ComparisonEvidence,
+    CreditRow,
+    CreditValues,
+    Decision,
+    Estimate,
+    EvidenceItem,
+    GuardrailCheck,
+    GuardState,
+    InteractionEvidence,
+    Kind,
+    Status,
+    finite,
+)
 from stacklab.integrate.select import Guardrail
 from stacklab.integrate.store import Run
+from stacklab.integrate.utility import UTILITY, UtilityDraws
 from stacklab.integrate.verdicts import (
     Interval,
     SequentialPlan,
@@ -31,9 +46,7 @@ from stacklab.integrate.verdicts import (
 if TYPE_CHECKING:
     from stacklab.integrate.engine import Views, _Session
 
-GuardState = Literal["held", "breached", "open"]
 SCREEN_LEVEL = 0.95  # level of the one-look screening comparisons (alone vs baseline)
-UTILITY = "utility"
 
 
 @dataclass
@@ -68,6 +81,16 @@ class GuardCheck:
     seeds: list[int]
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One round of comparisons around one final recipe: each member's verdict and each
+    guardrail's state when it ended."""
+
+    recipe: list[int]
+    comparisons: dict[int, Verdict]
+    guardrails: dict[str, GuardState]
+
+
 @dataclass
 class Confirmation:
     """What the confirmation measured, and the recipe it ends with."""
@@ -76,7 +99,7 @@ class Confirmation:
     plan: SequentialPlan
     tested: dict[int, Comparison] = field(default_factory=dict)  # latest comparison per member
     guards: list[GuardCheck] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     blocks: list[list[int]] = field(default_factory=list)
     removed: dict[int, str] = field(default_factory=dict)  # member -> why it left the recipe
     history: dict[Subset, dict[int, Comparison]] = field(default_factory=dict)  # per recipe
@@ -117,34 +140,34 @@ class Evidence:
         noise = s._noise(c.pool, c.pool_seeds, metric) if c.pool else None
         return s.paired(c.a, c.b, c.seeds, metric, c.interval.level, noise)
 
-    def item(self, c: Comparison) -> dict[str, Any]:
+    def item(self, c: Comparison) -> EvidenceItem:
         """An evidence entry of decision.json: recipe a minus recipe b, per metric and utility."""
         ids = self.rnd.ids
         if c.kind == "interaction":  # y(i+y) - y(i) - y(y) + y(baseline) on screening seeds
             i, y = sorted(c.a)
-            metrics = {}
+            metrics: dict[str, Estimate] = {}
             for m in self.rnd.metrics:
                 iv = self.s.interaction(i, y, m)
-                metrics[m] = finite(iv.as_list()) if iv else [None, None, None]
-            return {
-                "comparison": c.kind,
-                "pair": [ids[i], ids[y]],
-                "seeds": c.seeds,
-                "level": c.interval.level,
-                "verdict": c.verdict,
-                "utility": finite(c.interval.as_list()),
-                "metrics": metrics,
-            }
-        return {
-            "comparison": c.kind,
-            "a": [ids[i] for i in sorted(c.a)],
-            "b": [ids[i] for i in sorted(c.b)],
-            "seeds": c.seeds,
-            "level": c.interval.level,
-            "verdict": c.verdict,
-            "utility": finite(c.interval.as_list()),
-            "metrics": {m: finite(self._metric_interval(c, m).as_list()) for m in self.rnd.metrics},
-        }
+                metrics[m] = finite(iv.as_list()) if iv else (None, None, None)
+            return InteractionEvidence(
+                comparison="interaction",
+                pair=[ids[i], ids[y]],
+                seeds=c.seeds,
+                level=c.interval.level,
+                verdict=c.verdict,
+                utility=finite(c.interval.as_list()),
+                metrics=metrics,
+            )
+        return ComparisonEvidence(
+            comparison=c.kind,  # type: ignore[arg-type]
+            a=[ids[i] for i in sorted(c.a)],
+            b=[ids[i] for i in sorted(c.b)],
+            seeds=c.seeds,
+            level=c.interval.level,
+            verdict=c.verdict,
+            utility=finite(c.interval.as_list()),
+            metrics={m: finite(self._metric_interval(c, m).as_list()) for m in self.rnd.metrics},
+        )
 
     def describe(self, c: Comparison) -> str:
         """Per-objective change (and the utility, with several objectives) at c's level."""
@@ -158,33 +181,33 @@ class Evidence:
         level = f"{100 * c.interval.level:.3g}%"
         return "; ".join(parts) + f" ({len(c.seeds)} seeds, {level} interval)"
 
-    def predicted(self, subset: Subset) -> dict[str, list[float]]:
+    def predicted(self, subset: Subset) -> dict[str, Estimate]:
         """Final recipe vs baseline on the confirmation seeds, each pair's own noise (95%)."""
         seeds = [x for b in self.conf.blocks for x in b] or self.rnd.seeds
-        out = {}
+        out: dict[str, Estimate] = {}
         for m in [*self.rnd.metrics, UTILITY]:
             if not subset:
-                out[m] = [0.0, 0.0, 0.0]
+                out[m] = (0.0, 0.0, 0.0)
                 continue
             iv = self.s.paired(subset, frozenset(), seeds, m, 0.95)
             out[m] = finite(iv.as_list())
         return out
 
-    def guardrail_checks(self) -> list[dict[str, Any]]:
+    def guardrail_checks(self) -> list[GuardrailCheck]:
         """Each guardrail on the final recipe: held, breached or open, with the margin's interval
         and the largest breach the runs rule out (the interval's far end)."""
         out = []
         for c in self.conf.guards:
             g = c.guardrail
             out.append(
-                {
-                    "metric": g.metric,
-                    "state": c.state,
-                    "margin": finite(c.interval.as_list()),
-                    "level": c.interval.level,
-                    "seeds": c.seeds,
-                    "text": _guard_state_text(c),
-                }
+                GuardrailCheck(
+                    metric=g.metric,
+                    state=c.state,
+                    margin=finite(c.interval.as_list()),
+                    level=c.interval.level,
+                    seeds=c.seeds,
+                    text=_guard_state_text(c),
+                )
             )
             if c.state == "open":
                 self.notes.append(
@@ -195,19 +218,21 @@ class Evidence:
 
     # -- decisions
 
-    def decide(self, i: int) -> dict[str, Any]:
+    def decide(self, i: int) -> Decision:
         c = self.rnd.contributions[i]
-        base = {"id": c.id, "blind_id": self.rnd.blind[c.id], "area": c.area, "summary": c.summary}
         status, kind, reason, evidence = self._verdict(i)
-        return {
-            **base,
-            "status": status,
-            "kind": kind,
-            "reason": reason,
-            "evidence": [self.item(x) for x in evidence if x.interval.n > 0],
-        }
+        return Decision(
+            id=c.id,
+            blind_id=self.rnd.blind[c.id],
+            area=c.area,
+            summary=c.summary,
+            status=status,
+            kind=kind,
+            reason=reason,
+            evidence=[self.item(x) for x in evidence if x.interval.n > 0],
+        )
 
-    def _verdict(self, i: int) -> tuple[str, str, str, list[Comparison]]:
+    def _verdict(self, i: int) -> tuple[Status, Kind, str, list[Comparison]]:
         rnd, s, ids = self.rnd, self.s, self.rnd.ids
         alone = s.alone(i)
         alone_ev = [alone] if alone else []
@@ -438,31 +463,16 @@ class Evidence:
         out[UTILITY] = credit_with_intervals(util, self.final, shelved)
         return out
 
-    def credit_table(self, credit: Mapping[str, Mapping[int, Credit]]) -> list[dict[str, Any]]:
+    def credit_table(self, credit: Mapping[str, Mapping[int, Credit]]) -> list[CreditRow]:
         """The one place authors appear: after every decision is made."""
         rows = []
         for i, c in enumerate(self.rnd.contributions):
             if not credit or i not in credit[UTILITY]:
                 continue
-            row: dict[str, Any] = {
-                "id": c.id,
-                "author": c.author,
-                "status": "accepted" if i in self.final else "shelved",
-            }
-            for metric, table in credit.items():
-                cr = table[i]
-                row[metric] = {
-                    "shapley": [cr.shapley.estimate, cr.shapley.low, cr.shapley.high],
-                    "banzhaf": [cr.banzhaf.estimate, cr.banzhaf.low, cr.banzhaf.high],
-                    "marginal": [cr.marginal.estimate, cr.marginal.low, cr.marginal.high],
-                }
-            rows.append(row)
+            values = {metric: CreditValues.of(table[i]) for metric, table in credit.items()}
+            status = "accepted" if i in self.final else "shelved"
+            rows.append(CreditRow(id=c.id, author=c.author, status=status, **values))
         return rows
-
-
-def finite(values: Sequence[float]) -> list[float | None]:
-    """JSON has no infinity: an unbounded end is written as null."""
-    return [float(v) if math.isfinite(v) else None for v in values]
 
 
 def _guard_text(g: Guardrail) -> str:

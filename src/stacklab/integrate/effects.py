@@ -41,6 +41,7 @@ import numpy as np
 Term = tuple[int, ...]  # (i,) a main effect; (i, j) with i < j an interaction
 Bootstrap = Literal["cluster", "residual"]
 K = TypeVar("K")
+V = TypeVar("V", float, np.ndarray)
 
 CLUSTER_MIN_SEEDS = 5  # fewer seeds: resample residuals, not seeds (see module docstring)
 CLUSTER_MAX_TERMS = 120  # more terms: resample residuals (a refit per draw costs p^3)
@@ -122,6 +123,16 @@ class EffectsFit:
 
     def estimable(self, subset: Iterable[int]) -> bool:
         return bool(self.estimable_many([subset])[0])
+
+
+def interaction_contrast(both: V, first: V, second: V, baseline: V) -> V:
+    """y(i+j) - y(i) - y(j) + y(baseline): what i and j do together beyond each alone.
+
+    The one definition of a pairwise interaction, whatever y is: a measured value per seed
+    (the evidence behind a conflict, engine.py), a prediction or its draws (the model's
+    gamma_ij for the utility, utility.py). In the pairwise model it is gamma_ij exactly.
+    """
+    return both - first - second + baseline
 
 
 def fit_effects(

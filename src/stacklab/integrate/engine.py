@@ -53,26 +53,29 @@ from stacklab.errors import StacklabError
 from stacklab.integrate.credit import Credit
 from stacklab.integrate.decide import (
     SCREEN_LEVEL,
-    UTILITY,
+    Attempt,
     Comparison,
     Confirmation,
     Evidence,
     GuardCheck,
-    GuardState,
-    finite,
 )
-from stacklab.integrate.effects import EffectsFit, fit_effects
+from stacklab.integrate.effects import EffectsFit, fit_effects, interaction_contrast
 from stacklab.integrate.ladder import LadderOutcome, run_ladder
 from stacklab.integrate.lock import hold_round_folder
-from stacklab.integrate.planner import (
-    Proposal,
-    Subset,
-    UtilityDraws,
-    fresh_seeds,
-    propose,
-    screening_design,
-)
+from stacklab.integrate.planner import Proposal, Subset, fresh_seeds, propose, screening_design
 from stacklab.integrate.provenance import stale_reason
+from stacklab.integrate.record import (
+    BatchRecord,
+    CodeSummary,
+    ConfirmationRecord,
+    DecisionRecord,
+    GuardrailRecord,
+    GuardState,
+    ObjectiveRecord,
+    Power,
+    RunCounts,
+    finite,
+)
 from stacklab.integrate.report import write_reports
 from stacklab.integrate.round import Round, RoundError, Rung, load_round
 from stacklab.integrate.runners import (
@@ -90,6 +93,7 @@ from stacklab.integrate.select import (
     search_candidates,
 )
 from stacklab.integrate.store import Run, RunStore, StoreError, run_key
+from stacklab.integrate.utility import UTILITY, UtilityDraws, utility
 from stacklab.integrate.verdicts import (
     MAX_PLAN_LOOKS,
     POWER_TARGET,
@@ -97,7 +101,6 @@ from stacklab.integrate.verdicts import (
     SequentialPlan,
     Verdict,
     detectable_gain,
-    fmt,
     guard_margins,
     paired_interval,
     pooled_noise,
@@ -128,7 +131,7 @@ class DesignRun:
 
 
 @dataclass(frozen=True)
-class Batch:
+class RunBatch:
     """One batch of the plan: recipes x seeds, with why the adaptive ones were proposed."""
 
     number: int
@@ -165,12 +168,12 @@ class Searched:
 class RoundResult:
     """Everything the reports show; `decision` is decision.json."""
 
-    decision: dict[str, Any]
+    decision: DecisionRecord
     round: Round
     views: Views
     choice: Choice
     final: Subset
-    batches: list[Batch]
+    batches: list[RunBatch]
     points: list[DesignRun]
     runs: dict[str, Run]
     credit: dict[str, dict[int, Credit]]  # metric or "utility" -> contribution -> credit
@@ -257,7 +260,7 @@ class _Session:
         self.later: list[int] = []  # measured added to the recipe if the budget allows
         self.first_block: list[int] | None = None
         self.points: dict[str, DesignRun] = {}
-        self.batches: list[Batch] = []
+        self.batches: list[RunBatch] = []
         self._resolved: dict[str, Resolved] = {}  # run key -> its config and code
         # This round's finished runs from earlier invocations, by (blind subset, seed, rung,
         # lr): a request under a new key for one of them sets it aside as stale (other code).
@@ -543,11 +546,11 @@ class _Session:
             for c in comps.values():
                 conf.tested[c.member] = c
             conf.attempts.append(
-                {
-                    "recipe": sorted(final),
-                    "comparisons": {c.member: c.verdict for c in comps.values()},
-                    "guardrails": {g.guardrail.metric: g.state for g in conf.guards},
-                }
+                Attempt(
+                    recipe=sorted(final),
+                    comparisons={c.member: c.verdict for c in comps.values()},
+                    guardrails={g.guardrail.metric: g.state for g in conf.guards},
+                )
             )
             change = self._next_recipe(final, comps, conf, fits)
             if change is None:
@@ -818,9 +821,7 @@ class _Session:
         assert metrics is not None
         if name != UTILITY:
             return float(metrics[name])
-        return float(
-            sum(_factor(o) * float(metrics[o.name]) for o in self.objectives if o.weight > 0)
-        )
+        return float(utility(metrics, self.objectives))
 
     def series(self, subset: Subset, seeds: Iterable[int], name: str) -> dict[int, float]:
         """seed -> value of `subset`'s finished runs on `seeds`."""
@@ -947,7 +948,7 @@ class _Session:
         number = self.first_batch + len(self.batches)
         rung = self.rung.name if self.rung else None
         self.batches.append(
-            Batch(number, purpose, list(subsets), list(seeds), dict(why or {}), rung, lr)
+            RunBatch(number, purpose, list(subsets), list(seeds), dict(why or {}), rung, lr)
         )
         keys = []
         recipe = self.rnd.workspace.is_recipe
@@ -1130,7 +1131,7 @@ class _Session:
             others = sorted(conf.final - {j})
             if not others:
                 continue
-            gamma = {y: util({j, y})[0] - util({j})[0] - util({y})[0] for y in others}
+            gamma = {y: util.interaction(j, y) for y in others}
             y = min(others, key=lambda k: (gamma[k], k))
             if gamma[y] < 0:
                 pairs.append(frozenset({j, y}))
@@ -1150,35 +1151,12 @@ class _Session:
         shared = sorted(set.intersection(*(set(v) for v in values)))
         if not shared:
             return None
-        contrast = [values[0][s] - values[1][s] - values[2][s] + values[3][s] for s in shared]
+        contrast = [interaction_contrast(*(v[s] for v in values)) for s in shared]
         pool = list(dict.fromkeys(p.subset for p in self.points.values() if p.batch == 0))
         noise = self._noise(pool, seeds, name)
         if not (math.isfinite(noise[0]) and noise[1] > 0):
             return paired_interval(contrast, SCREEN_LEVEL)
         return paired_interval(contrast, SCREEN_LEVEL, noise, terms=4)
-
-    def _code_summary(self) -> dict[str, Any]:
-        """What code the runs ran: the base and each contribution's change (a git round), or
-        the fingerprint every run shares."""
-        ws = self.rnd.workspace
-        base = ws.resolve(frozenset())
-        summary: dict[str, Any] = {"baseline": {"code": base.code, **base.provenance}}
-        if ws.repo is not None:
-            summary["repo"] = str(ws.repo.path)
-            summary["base"] = {"ref": self.rnd.spec.base or "HEAD", "commit": ws.base}
-            summary["changes"] = {
-                self.rnd.ids[i]: {
-                    "ref": ch.ref,
-                    "commit": ch.commit,
-                    "merge_base": ch.merge_base,
-                    "files": list(ch.files),
-                    "insertions": ch.insertions,
-                    "deletions": ch.deletions,
-                    "diffstat": ch.diffstat,
-                }
-                for i, ch in sorted(ws.changes.items())
-            }
-        return summary
 
     def evidence(self, views: Views, conf: Confirmation) -> Evidence:
         return Evidence(self, views, conf, self._runs(list(self.points)))
@@ -1186,103 +1164,60 @@ class _Session:
     def _result(self, found: Searched, ladder: LadderOutcome | None = None) -> RoundResult:
         """decision.json and what the reports draw; with a ladder, its upper rungs' verdicts
         replace the first rung's where they were measured (ladder.py)."""
-        views, choice, chosen, conf, stopped = (
-            found.views, found.choice, found.chosen, found.conf, found.stopped,
-        )  # fmt: skip
-        rnd, ids = self.rnd, self.rnd.ids
+        rnd, ids, conf = self.rnd, self.rnd.ids, found.conf
         points = [*self.points.values(), *(ladder.points if ladder else [])]
         runs = self._runs(list(dict.fromkeys(p.key for p in points)))
-        ev = self.evidence(views, conf)
+        ev = self.evidence(found.views, conf)
         decisions = [ev.decide(i) for i in range(self.n)]
         if ladder is not None:
             decisions = ladder.merge(decisions)
-        selected = frozenset(i for i in range(self.n) if decisions[i]["status"] == "accepted")
+        selected = frozenset(i for i in range(self.n) if decisions[i].status == "accepted")
         ev.final = selected
         credit = ev.credit()
-        status = [runs[k] for k in dict.fromkeys(p.key for p in points)]
-        plan = conf.plan
-        decision = {
-            "round": rnd.name,
-            "round_file": str(rnd.file),
-            "baseline": str(rnd.baseline_path),
-            "selected": [ids[i] for i in sorted(selected)],
-            "shelved": {d["id"]: d["reason"] for d in decisions if d["status"] == "shelved"},
-            "undecided": {d["id"]: d["reason"] for d in decisions if d["status"] == "undecided"},
-            "decisions": decisions,
-            "credit": {
+        batches = [*self.batches, *(ladder.batches if ladder else [])]
+        record = DecisionRecord(
+            round=rnd.name,
+            round_file=str(rnd.file),
+            baseline=str(rnd.baseline_path),
+            selected=[ids[i] for i in sorted(selected)],
+            shelved={d.id: d.reason for d in decisions if d.status == "shelved"},
+            undecided={d.id: d.reason for d in decisions if d.status == "undecided"},
+            decisions=decisions,
+            credit={
                 ids[i]: {metric: table[i].shapley.estimate for metric, table in credit.items()}
                 for i in range(self.n)
                 if credit and i in credit[UTILITY]
             },
-            "credit_table": ev.credit_table(credit),
-            "runs": {
-                "executed": sum(r.status == "done" and r.round == rnd.name for r in status),
-                "reused": sum(r.status == "done" and r.round != rnd.name for r in status),
-                "failed": sum(r.status == "failed" for r in status),
-                "total": len(status),
-                "budget": rnd.spec.budget,
-                "stale": len(self.stale),
-            },
-            "stale": _count_reasons(self.stale),
-            "code": self._code_summary(),
-            "predicted": ladder.predicted(selected) if ladder else ev.predicted(selected),
-            "objectives": [
-                {"metric": o.name, "direction": o.direction, "weight": o.weight, "scale": o.scale}
-                for o in rnd.objectives
-            ],
-            "scales": {o.name: o.scale for o in self.objectives},
-            "min_effect": self.min_effect,
-            "level": rnd.spec.level,
-            "noise_floor": {m: finite([v])[0] for m, v in self.noise_floor.items()},
-            "power": {
-                "max_seeds": self.power["max_seeds"],
-                "detectable_gain": finite([self.power["detectable_gain"]])[0],
-            },
-            "guardrails": [
-                {
-                    "metric": g.metric,
-                    "kind": g.kind,
-                    "threshold": g.threshold,
-                    "direction": g.direction,
-                }
-                for g in rnd.guardrails
-            ],
-            "guardrail_checks": ladder.guardrail_checks() if ladder else ev.guardrail_checks(),
-            "confirmation": {
-                "chosen": [ids[i] for i in sorted(chosen)],
-                "final": [ids[i] for i in sorted(conf.final)],
-                "seeds": [s for b in conf.blocks for s in b],
-                "looks": plan.looks,
-                "block": plan.block,
-                "alpha": plan.alpha,
-                "levels": [plan.level_at(k) for k in range(1, plan.looks + 1)],
-                "attempts": [
-                    {
-                        "recipe": [ids[i] for i in a["recipe"]],
-                        "verdicts": {ids[m]: v for m, v in a["comparisons"].items()},
-                        "guardrails": a["guardrails"],
-                    }
-                    for a in conf.attempts
-                ],
-                "out_of_budget": conf.out_of_budget,
-                "reserve": self.reserve,
-            },
-            "pareto": [[ids[i] for i in sorted(s)] for s in choice.pareto],
-            "stopped": stopped,
-            "batches": [_batch_entry(b) for b in self.batches],
-            "notes": self.notes + ev.notes,
-        }
-        if ladder is not None:
-            decision["ladder"] = ladder.summary()
-            decision["notes"] += ladder.notes
-            decision["batches"] += [_batch_entry(b) for b in ladder.batches]
+            credit_table=ev.credit_table(credit),
+            runs=RunCounts.of(runs.values(), rnd.name, rnd.spec.budget, len(self.stale)),
+            stale=_count_reasons(self.stale),
+            code=CodeSummary.of(rnd),
+            predicted=ladder.predicted(selected) if ladder else ev.predicted(selected),
+            objectives=[ObjectiveRecord.of(o) for o in rnd.objectives],
+            scales={o.name: o.scale for o in self.objectives},
+            min_effect=self.min_effect,
+            level=rnd.spec.level,
+            noise_floor={m: finite([v])[0] for m, v in self.noise_floor.items()},
+            power=Power(
+                max_seeds=self.power["max_seeds"],
+                detectable_gain=finite([self.power["detectable_gain"]])[0],
+            ),
+            guardrails=[GuardrailRecord.of(g) for g in rnd.guardrails],
+            guardrail_checks=ladder.guardrail_checks() if ladder else ev.guardrail_checks(),
+            confirmation=ConfirmationRecord.of(conf, found.chosen, ids, self.reserve),
+            pareto=[[ids[i] for i in sorted(s)] for s in found.choice.pareto],
+            stopped=found.stopped,
+            batches=[BatchRecord.of(b) for b in batches],
+            notes=[*self.notes, *ev.notes, *(ladder.notes if ladder else [])],
+            ladder=ladder.summary() if ladder else None,
+        )
         return RoundResult(
-            decision=decision,
+            decision=record,
             round=rnd,
-            views=views,
-            choice=choice,
+            views=found.views,
+            choice=found.choice,
             final=selected,
-            batches=[*self.batches, *(ladder.batches if ladder else [])],
+            batches=batches,
             points=points,
             runs=runs,
             credit=credit,
@@ -1290,13 +1225,7 @@ class _Session:
         )
 
 
-def _factor(o: Objective) -> float:
-    """Weight x sign / scale: one objective's share of the utility per unit of its metric."""
-    assert o.scale is not None
-    return o.weight * (1.0 if o.direction == "max" else -1.0) / o.scale
-
-
-__all__ = ["RoundResult", "fmt", "integrate"]
+__all__ = ["RoundResult", "integrate"]
 
 
 def _stale_reason(old: Run, new: Resolved) -> str:
@@ -1321,20 +1250,6 @@ def _moved(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
         if old_refs.get(ref) not in (None, commit):
             parts.append(f"{ref} moved ({old_refs[ref][:7]} -> {commit[:7]})")
     return "; ".join(parts)
-
-
-def _batch_entry(b: Batch) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "batch": b.number,
-        "purpose": b.purpose,
-        "recipes": len(b.subsets),
-        "seeds": b.seeds,
-    }
-    if b.rung is not None:  # a scale ladder's batch: its rung, and the lr of a grid batch
-        entry["rung"] = b.rung
-        if b.lr is not None:
-            entry["lr"] = b.lr
-    return entry
 
 
 def _earlier_key(

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from stacklab.errors import StacklabError
+from stacklab.fileio import publish_dir
 
 MIN_GIT = (2, 38)  # merge-tree --write-tree
 
@@ -583,7 +584,7 @@ class Repo:
                     tar.extractall(files)
             files.mkdir(exist_ok=True)  # an empty tree
             try:
-                os.rename(files, dest)
+                publish_dir(files, dest, replace=False)
             except OSError:
                 if not dest.is_dir():  # not a lost race: a real failure
                     raise

@@ -39,14 +39,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats
 
-from stacklab.integrate.decide import UTILITY, Comparison, Confirmation, Evidence, finite
+from stacklab.integrate.decide import Comparison, Confirmation, Evidence
 from stacklab.integrate.planner import Subset, fresh_seeds, screening_design
+from stacklab.integrate.record import (
+    Agreement,
+    ComparisonEvidence,
+    Decision,
+    Estimate,
+    GuardrailCheck,
+    LadderRecord,
+    LrCurve,
+    LrTuning,
+    Pattern,
+    RungComparison,
+    RungRecord,
+    Transfer,
+    finite,
+)
 from stacklab.integrate.round import Round, Rung
 from stacklab.integrate.store import run_key
+from stacklab.integrate.utility import UTILITY
 from stacklab.recipe import get_dotted
 
 if TYPE_CHECKING:
-    from stacklab.integrate.engine import Batch, DesignRun, RoundResult, Searched, _Session
+    from stacklab.integrate.engine import DesignRun, RoundResult, RunBatch, Searched, _Session
 
 AGREEMENT_DRAWS = 2000  # bootstrap draws of Kendall's tau between two rungs
 AGREEMENT_LEVEL = 0.95
@@ -65,7 +81,7 @@ class RungOutcome:
     close: list[int]
     conf: Confirmation | None = None
     evidence: Evidence | None = None
-    decisions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    decisions: dict[int, Decision] = field(default_factory=dict)
     same: list[int] = field(default_factory=list)  # members that change nothing here (lr)
     note: str | None = None  # why nothing was measured
 
@@ -82,7 +98,7 @@ class RungOutcome:
         return frozenset(
             i
             for i in self.conf.final
-            if self.decisions.get(i, {}).get("status") in ("accepted", "undecided")
+            if i in self.decisions and self.decisions[i].status in ("accepted", "undecided")
         )
 
     @property
@@ -97,14 +113,14 @@ class LadderOutcome:
         self.first, self.found, self.rungs = first, found, rungs
         self.rnd: Round = first.rnd
         self.notes: list[str] = []
-        self.lr_tuning: dict[str, Any] | None = None
+        self.lr_tuning: LrTuning | None = None
 
     @property
     def points(self) -> list[DesignRun]:
         return [p for r in self.rungs[1:] for p in r.session.points.values()]
 
     @property
-    def batches(self) -> list[Batch]:
+    def batches(self) -> list[RunBatch]:
         return [b for r in self.rungs[1:] for b in r.session.batches]
 
     # -- per-contribution evidence across rungs
@@ -118,61 +134,53 @@ class LadderOutcome:
             c = r.session.alone(i)
         return c if c is not None and c.interval.n > 0 else None
 
-    def transfer(self, i: int) -> dict[str, Any]:
+    def transfer(self, i: int) -> Transfer:
         entries, states = [], []
         for k, r in enumerate(self.rungs):
             c = self.comparison(k, i)
             if c is None or r.evidence is None:
                 continue
-            entries.append({"rung": r.rung.name, **r.evidence.item(c)})
+            item = r.evidence.item(c)
+            assert isinstance(item, ComparisonEvidence)  # never an interaction
+            entries.append(RungComparison(rung=r.rung.name, **dict(item)))
             states.append(_state(c))
         first, last = (entries[0], entries[-1]) if entries else (None, None)
         sign = sig = False
         if first is not None and last is not None and first is not last:
-            a, b = first["utility"][0], last["utility"][0]
+            a, b = first.utility[0], last.utility[0]
             sign = bool(a and b and (a > 0) != (b > 0))
-            sig = _significant(first["utility"]) != _significant(last["utility"])
-        return {
-            "rungs": entries,
-            "sign_changed": sign,
-            "significance_changed": sig,
-            "pattern": _pattern(states),
-        }
+            sig = _significant(first.utility) != _significant(last.utility)
+        return Transfer(
+            rungs=entries, sign_changed=sign, significance_changed=sig, pattern=_pattern(states)
+        )
 
-    def merge(self, decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def merge(self, decisions: list[Decision]) -> list[Decision]:
         """The first rung's decisions, replaced by the largest rung that compared each one."""
         out = []
         for i, d in enumerate(decisions):
             top = max((k for k, r in enumerate(self.rungs) if i in r.decisions), default=0)
-            merged = dict(self.rungs[top].decisions[i]) if top else dict(d)
-            merged["rung"] = self.rungs[top].rung.name
+            merged = self.rungs[top].decisions[i] if top else d
+            merged = merged.model_copy(update={"rung": self.rungs[top].rung.name})
             if top:
                 merged = self._reason(i, top, merged)
-            merged["transfer"] = self.transfer(i)
-            out.append(merged)
+            out.append(merged.model_copy(update={"transfer": self.transfer(i)}))
         return out
 
-    def _reason(self, i: int, top: int, d: dict[str, Any]) -> dict[str, Any]:
+    def _reason(self, i: int, top: int, d: Decision) -> Decision:
         """A verdict drawn at a larger rung says what the rung below it showed."""
         r = self.rungs[top]
         name = r.rung.name
         if i in r.same:
             key = self.rnd.spec.lr_tuning.key if self.rnd.spec.lr_tuning else "lr"
             value = r.session.lr["other"] if r.session.lr else math.nan
-            d.update(
-                status="shelved",
-                kind="lr_only",
-                reason=(
-                    f"only a learning-rate change: at rung {name} every recipe but the baseline "
-                    f"runs at the chosen recipe's best {key} ({value:g}), where it changes "
-                    "nothing"
-                ),
+            reason = (
+                f"only a learning-rate change: at rung {name} every recipe but the baseline "
+                f"runs at the chosen recipe's best {key} ({value:g}), where it changes nothing"
             )
-            return d
+            return d.model_copy(update={"status": "shelved", "kind": "lr_only", "reason": reason})
         below = max((k for k in range(top) if self.comparison(k, i) is not None), default=None)
         if below is None:
-            d["reason"] = f"at rung {name}: {d['reason']}"
-            return d
+            return d.model_copy(update={"reason": f"at rung {name}: {d.reason}"})
         c_low = self.comparison(below, i)
         c_top = r.conf.tested[i] if r.conf is not None else None
         assert c_low is not None and c_top is not None
@@ -182,13 +190,14 @@ class LadderOutcome:
         low_text = f"{_word(c_low)} at {low_name} ({ev_low.describe(c_low)})"
         top_text = f"{_word(c_top)} at {name} ({ev_top.describe(c_top)})"
         s_low, s_top = _state(c_low), _state(c_top)
-        if s_low == "+" and d["status"] == "shelved" and s_top != "+":
-            d.update(kind="no_transfer", reason=f"{low_text}, {top_text}: shelved")
-        elif s_low != "+" and d["status"] == "accepted":
-            d["reason"] = f"{top_text}, {low_text}: accepted at the larger rung"
+        if s_low == "+" and d.status == "shelved" and s_top != "+":
+            update = {"kind": "no_transfer", "reason": f"{low_text}, {top_text}: shelved"}
+        elif s_low != "+" and d.status == "accepted":
+            update = {"reason": f"{top_text}, {low_text}: accepted at the larger rung"}
         else:
-            d["reason"] = f"at rung {name}: {d['reason']}; at {low_name}: {ev_low.describe(c_low)}"
-        return d
+            low = ev_low.describe(c_low)
+            update = {"reason": f"at rung {name}: {d.reason}; at {low_name}: {low}"}
+        return d.model_copy(update=update)
 
     # -- the recipe that ships, at the top rung measured
 
@@ -196,7 +205,7 @@ class LadderOutcome:
         measured = [r for r in self.rungs if r.evidence is not None and r.conf is not None]
         return measured[-1]
 
-    def predicted(self, selected: Subset) -> dict[str, list[float | None]]:
+    def predicted(self, selected: Subset) -> dict[str, Estimate]:
         """The selected recipe against the baseline at the largest rung that ran both (the
         top rung measured the recipe it confirmed, which may hold undecided members)."""
         for r in reversed(self.rungs):
@@ -214,14 +223,14 @@ class LadderOutcome:
         assert top.evidence is not None
         return top.evidence.predicted(selected)
 
-    def guardrail_checks(self) -> list[dict[str, Any]]:
+    def guardrail_checks(self) -> list[GuardrailCheck]:
         top = self._top()
         assert top.evidence is not None
         return top.evidence.guardrail_checks()
 
     # -- round-level summary
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> LadderRecord:
         ids = self.rnd.ids
         rungs = []
         for r in self.rungs:
@@ -232,33 +241,33 @@ class LadderOutcome:
                 seeds = [s for b in r.conf.blocks for s in b]
                 noise = r.session._noise(pool, seeds, UTILITY)[0]
             rungs.append(
-                {
-                    "name": r.rung.name,
-                    "patch": r.rung.patch,
-                    "cost": r.cost,
-                    "cost_source": r.rung.cost_source,
-                    "share": r.rung.share,
-                    "budget_units": r.units,
-                    "budget_runs": r.session.budget,
-                    "runs": r.runs,
-                    "units_used": r.spent,
-                    "noise_floor": finite([noise])[0],
-                    "chosen": [ids[i] for i in sorted(r.chosen)],
-                    "final": [ids[i] for i in sorted(r.kept)] if r.conf else [],
-                    "close_calls": [ids[i] for i in r.close],
-                    "out_of_budget": bool(r.conf.out_of_budget) if r.conf else True,
-                    "note": r.note,
-                }
+                RungRecord(
+                    name=r.rung.name,
+                    patch=r.rung.patch,
+                    cost=r.cost,
+                    cost_source=r.rung.cost_source,  # type: ignore[arg-type]
+                    share=r.rung.share,
+                    budget_units=r.units,
+                    budget_runs=r.session.budget,
+                    runs=r.runs,
+                    units_used=r.spent,
+                    noise_floor=finite([noise])[0],
+                    chosen=[ids[i] for i in sorted(r.chosen)],
+                    final=[ids[i] for i in sorted(r.kept)] if r.conf else [],
+                    close_calls=[ids[i] for i in r.close],
+                    out_of_budget=bool(r.conf.out_of_budget) if r.conf else True,
+                    note=r.note,
+                )
             )
-        return {
-            "budget_units": self.rnd.spec.budget,
-            "units_used": sum(r.spent for r in self.rungs),
-            "rungs": rungs,
-            "agreement": [self.agreement(k) for k in range(1, len(self.rungs))],
-            "lr_tuning": self.lr_tuning,
-        }
+        return LadderRecord(
+            budget_units=self.rnd.spec.budget,
+            units_used=sum(r.spent for r in self.rungs),
+            rungs=rungs,
+            agreement=[self.agreement(k) for k in range(1, len(self.rungs))],
+            lr_tuning=self.lr_tuning,
+        )
 
-    def agreement(self, k: int) -> dict[str, Any]:
+    def agreement(self, k: int) -> Agreement:
         """Rung k-1 against rung k: Kendall's tau between the mean utilities of the recipes
         measured at both (bootstrap over each rung's seeds), and how many of the lower rung's
         decided verdicts the upper one confirmed."""
@@ -279,14 +288,14 @@ class LadderOutcome:
                 continue
             compared += 1
             confirmed += (a.verdict == "accept") == (b.verdict == "accept")
-        return {
-            "from": low.rung.name,
-            "to": up.rung.name,
-            "subsets": len(keep),
-            "kendall_tau": tau,
-            "verdicts_compared": compared,
-            "verdicts_confirmed": confirmed,
-        }
+        return Agreement(
+            from_=low.rung.name,
+            to=up.rung.name,
+            subsets=len(keep),
+            kendall_tau=tau,
+            verdicts_compared=compared,
+            verdicts_confirmed=confirmed,
+        )
 
 
 def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
@@ -365,7 +374,7 @@ def run_ladder(first_factory: Any, rnd: Round, say: Any) -> RoundResult:
         out.conf = session.confirm_upper(chosen, close, later)
         out.evidence = session.evidence(found.views, out.conf)
         out.decisions = {i: out.evidence.decide(i) for i in out.conf.tested}
-        out.decisions |= {i: {**latest[i]} for i in out.same}
+        out.decisions |= {i: latest[i] for i in out.same}
         for i in out.decisions:
             latest[i] = out.decisions[i]
         carried = out.kept
@@ -397,7 +406,7 @@ def budget_plan(rnd: Round) -> list[float]:
 
 
 def close_calls(
-    below: RungOutcome, decisions: dict[int, dict[str, Any]], final: Subset
+    below: RungOutcome, decisions: dict[int, Decision], final: Subset
 ) -> tuple[list[int], list[int]]:
     """What the next rung adds to the recipe: (close calls, later).
 
@@ -415,23 +424,23 @@ def close_calls(
         d = decisions[j]
         if j in final or s._grouped_with(j, final):
             continue
-        if d["kind"] in ("failed", "guardrail", "conflict", "lr_only"):
+        if d.kind in ("failed", "guardrail", "conflict", "lr_only"):
             continue
-        evidence = [e for e in d.get("evidence", []) if e.get("comparison") != "interaction"]
+        evidence = [e for e in d.evidence if isinstance(e, ComparisonEvidence)]
         if not evidence:
             continue
-        est, _, high = evidence[0]["utility"]
+        est, _, high = evidence[0].utility
         if high is not None and high < 0:  # shown to hurt
             continue
         rank = (-(est if est is not None else 0.0), j)
-        if d["status"] == "undecided" or high is None or high >= s.min_effect:
+        if d.status == "undecided" or high is None or high >= s.min_effect:
             close.append(rank)
         else:
             later.append(rank)
     return [j for _, j in sorted(close)], [j for _, j in sorted(later)]
 
 
-def _tune_lr(session: _Session, chosen: Subset) -> dict[str, Any]:
+def _tune_lr(session: _Session, chosen: Subset) -> LrTuning:
     """The baseline and the chosen recipe over the grid on seeds of their own; each one's
     best value (highest mean utility; a tie goes to the factor nearest 1)."""
     rnd = session.rnd
@@ -469,21 +478,19 @@ def _tune_lr(session: _Session, chosen: Subset) -> dict[str, Any]:
         f"({len(seeds)} seeds of their own)"
     )
     ids = rnd.ids
-    return {
-        "key": spec.key,
-        "rung": session.rung.name if session.rung else None,
-        "values": values,
-        "seeds": seeds,
-        "recipe": [ids[i] for i in sorted(chosen)],
-        "baseline": {
-            "best": base_best,
-            "utility": [[v, finite([m])[0]] for v, m in means[frozenset()]],
-        },
-        "final": {
-            "best": other_best,
-            "utility": [[v, finite([m])[0]] for v, m in means.get(chosen, [])],
-        },
-    }
+    return LrTuning(
+        key=spec.key,
+        rung=session.rung.name if session.rung else None,
+        values=values,
+        seeds=seeds,
+        recipe=[ids[i] for i in sorted(chosen)],
+        baseline=LrCurve(
+            best=base_best, utility=[(v, finite([m])[0]) for v, m in means[frozenset()]]
+        ),
+        final=LrCurve(
+            best=other_best, utility=[(v, finite([m])[0]) for v, m in means.get(chosen, [])]
+        ),
+    )
 
 
 def _measure_cost(session: _Session, first: _Session, cost0: float) -> float:
@@ -581,12 +588,12 @@ def _state(c: Comparison) -> str:
     return {"accept": "+", "harm": "-", "open": "?"}.get(c.verdict, "0")
 
 
-def _significant(utility: Sequence[float | None]) -> bool:
+def _significant(utility: Estimate) -> bool:
     _, low, high = utility
     return (low is not None and low > 0) or (high is not None and high < 0)
 
 
-def _pattern(states: Sequence[str]) -> str:
+def _pattern(states: Sequence[str]) -> Pattern:
     """holds (same verdict at the first and the last rung measured), flips (helps at one,
     hurts at the other), fades (helps, then no gain shown), emerges (helps only at the
     larger), changes (no gain and hurts, either way), undecided (either end left open: no

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stacklab.integrate.effects import EffectsFit
-from stacklab.integrate.select import Choice, Guardrail, Objective, choose, utility_fn
+from stacklab.integrate.select import Choice, Guardrail, Objective, choose
+from stacklab.integrate.utility import UtilityDraws
 
 Subset = frozenset[int]
 MAX_CONTENDERS = 200  # candidates compared pairwise with the choice, by expected utility
@@ -76,31 +77,6 @@ class Proposal:
     table: Choice  # every candidate scored (and the Pareto front), measured or not
     subsets: list[Subset]  # besides the baseline, which every batch runs
     why: dict[Subset, str]
-
-
-class UtilityDraws:
-    """Predicted utility vs baseline of subsets, with joint bootstrap draws (cached)."""
-
-    def __init__(
-        self,
-        fits: Mapping[str, EffectsFit],
-        objectives: Sequence[Objective],
-        scales: Mapping[str, float] | None = None,
-    ):
-        self._fn = utility_fn(fits, objectives, scales)
-        self._cache: dict[Subset, tuple[float, np.ndarray]] = {}
-
-    def __call__(self, subset: Iterable[int]) -> tuple[float, np.ndarray]:
-        key = frozenset(subset)
-        if key not in self._cache:
-            self._cache[key] = self._fn(key)
-        return self._cache[key]
-
-    def diff(self, a: Iterable[int], b: Iterable[int]) -> tuple[float, np.ndarray]:
-        """U(a) - U(b): estimate and draws."""
-        ma, da = self(a)
-        mb, db = self(b)
-        return ma - mb, da - db
 
 
 def propose(

@@ -2,8 +2,10 @@
 
 The HTML page is self-contained (inline CSS, inline SVG, no scripts, no external assets), so
 it can be mailed, archived or attached to a pull request and still render years later. Every
-number in it comes from `RoundResult`; nothing is recomputed here. All three files are
-written atomically: a reader sees the old report or the new one, never half of one.
+number in it comes from `RoundResult` (its decision record, record.py, and the fits and runs
+the pictures draw); nothing is recomputed here, and every interval is printed the one way
+decision.json's reasons print it (`verdicts.fmt`). All three files are written atomically: a
+reader sees the old report or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -11,22 +13,38 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stacklab.fileio import write_atomic
+from stacklab.integrate.record import (
+    Agreement,
+    ComparisonEvidence,
+    Decision,
+    DecisionRecord,
+    EvidenceItem,
+    FilesCode,
+    GuardrailRecord,
+    LadderRecord,
+    LrCurve,
+    LrTuning,
+    RungComparison,
+    RungRecord,
+    Transfer,
+)
+from stacklab.integrate.utility import UTILITY
+from stacklab.integrate.verdicts import fmt
 
 if TYPE_CHECKING:
     from stacklab.integrate.engine import RoundResult
 
-UTILITY = "utility"
 _GOOD, _BAD, _NEUTRAL, _INK = "#1a7f37", "#cf222e", "#8c959f", "#1f2328"
 
 
 def write_reports(result: RoundResult, out: Path) -> None:
     """Write out/decision.json, out/report.md and out/report.html."""
-    write_atomic(out / "decision.json", json.dumps(result.decision, indent=2) + "\n")
+    write_atomic(out / "decision.json", result.decision.dumps())
     write_atomic(out / "report.md", markdown(result))
     write_atomic(out / "report.html", html_page(result))
 
@@ -41,21 +59,6 @@ def recipe_diff(base: Any, other: Any, prefix: str = "") -> list[tuple[str, Any,
     if base != other:
         return [(prefix.rstrip("."), base, other)]
     return []
-
-
-def _fmt(values: Sequence[float | None]) -> str:
-    """`est [low, high]`; n/a for an unknown number, plain `n/a` when nothing is known.
-
-    None (null in decision.json) is an unbounded end (no noise estimate yet) or a comparison
-    with no shared seeds; NaN and infinities mean the same and are shown the same way.
-    """
-    vals = [v if v is not None and math.isfinite(v) else None for v in values]
-    if all(v is None for v in vals):
-        return "n/a"
-    # Sums of many float terms leave 1e-17 where the exact value is 0; show those as 0.
-    tol = 1e-9 * max((abs(v) for v in vals if v is not None), default=0.0)
-    est, low, high = ("n/a" if v is None else f"{0.0 if abs(v) <= tol else v:+.3g}" for v in vals)
-    return f"{est} [{low}, {high}]"
 
 
 def _num(value: float | None) -> str:
@@ -88,18 +91,18 @@ def _levels(levels: Sequence[float]) -> str:
     return "; ".join(parts)
 
 
-def _rules(d: dict[str, Any]) -> str:
+def _rules(d: DecisionRecord) -> str:
     """How verdicts are made, in plain words, with this round's numbers.
 
     The report is read by people deciding what ships, so it says once what "accepted",
     "shelved" and "undecided" rest on instead of leaving them to guess from the intervals.
     """
-    conf = d.get("confirmation") or {}
-    looks, block = conf.get("looks"), conf.get("block")
+    conf = d.confirmation
+    looks, block = conf.looks, conf.block
     plan = (
         f" The confirmation looks up to {looks} times, {block} new seeds a look, and spends "
-        f"alpha {_num(conf.get('alpha'))} across the looks, so an early look needs a wider "
-        f"interval than the last ({_levels(conf.get('levels') or [])})."
+        f"alpha {_num(conf.alpha)} across the looks, so an early look needs a wider "
+        f"interval than the last ({_levels(conf.levels)})."
         if looks and block
         else ""
     )
@@ -107,7 +110,7 @@ def _rules(d: dict[str, Any]) -> str:
         "Every verdict rests on direct seed-paired comparisons (two recipes run on the same "
         "seeds, compared seed by seed), not on the effects model. A contribution is accepted "
         "only when the final recipe with it beats the same recipe without it by a gain of at "
-        f"least min_effect {_num(d.get('min_effect'))} utility, shown on confirmation seeds "
+        f"least min_effect {_num(d.min_effect)} utility, shown on confirmation seeds "
         f"that took no part in choosing.{plan} It is shelved when the comparison shows that it "
         "hurts, that its gain is below min_effect, or no gain at the last look, and when a "
         "breach of a guardrail by it is shown. A comparison the budget could not settle "
@@ -116,17 +119,16 @@ def _rules(d: dict[str, Any]) -> str:
     )
 
 
-def _power_line(d: dict[str, Any]) -> str:
-    power = d.get("power") or {}
+def _power_line(d: DecisionRecord) -> str:
     return (
-        f"gains inside the final recipe above {_num(power.get('detectable_gain'))} utility are "
-        f"detected with 80% power on {power.get('max_seeds', 'n/a')} confirmation seeds; "
-        f"min_effect {_num(d.get('min_effect'))}"
+        f"gains inside the final recipe above {_num(d.power.detectable_gain)} utility are "
+        f"detected with 80% power on {d.power.max_seeds} confirmation seeds; "
+        f"min_effect {_num(d.min_effect)}"
     )
 
 
-def _noise_line(d: dict[str, Any]) -> str:
-    return ", ".join(f"{m} {_num(sd)}" for m, sd in (d.get("noise_floor") or {}).items())
+def _noise_line(d: DecisionRecord) -> str:
+    return ", ".join(f"{m} {_num(sd)}" for m, sd in d.noise_floor.items())
 
 
 def _undecided_reason(reason: str) -> str:
@@ -134,11 +136,11 @@ def _undecided_reason(reason: str) -> str:
     return reason.removeprefix("undecided: ")
 
 
-def _comparison_words(item: dict[str, Any]) -> str:
+def _comparison_words(item: EvidenceItem | RungComparison) -> str:
     """An evidence item's `a - b` in words: the recipes compared, relative to each other."""
-    if item["comparison"] == "interaction":
-        return f"{' and '.join(item['pair'])} together, beyond the sum of each alone"
-    a, b = list(item["a"]), list(item["b"])
+    if not isinstance(item, ComparisonEvidence):
+        return f"{' and '.join(item.pair)} together, beyond the sum of each alone"
+    a, b = item.a, item.b
     if not b:
         return f"{_names(a)} alone vs the baseline" if len(a) == 1 else f"{_names(a)} vs baseline"
     added = [c for c in a if c not in b]
@@ -168,15 +170,15 @@ _VERDICT_WORDS = {
 def markdown(result: RoundResult) -> str:
     """report.md: the decision and its evidence in a form that reads in a pull request."""
     d = result.decision
-    runs = d["runs"]
+    runs = d.runs
     lines = [
-        f"## Integration round `{d['round']}`",
+        f"## Integration round `{d.round}`",
         "",
         "**Selected:** "
-        + (", ".join(f"`{c}`" for c in d["selected"]) or "nothing (keep the baseline)"),
+        + (", ".join(f"`{c}`" for c in d.selected) or "nothing (keep the baseline)"),
         "",
     ]
-    undecided = d.get("undecided") or {}
+    undecided = d.undecided
     if undecided:
         lines += [
             "**Undecided** (the budget could not settle them; not shipped):",
@@ -186,14 +188,14 @@ def markdown(result: RoundResult) -> str:
         ]
     lines += [
         "**Change vs baseline** (the selected recipe, seed-paired on the confirmation seeds, "
-        "95%): " + "; ".join(f"{m} {_fmt(v)}" for m, v in d["predicted"].items()),
+        "95%): " + "; ".join(f"{m} {fmt(*v)}" for m, v in d.predicted.items()),
         "",
     ]
-    checks = d.get("guardrail_checks") or []
+    checks = d.guardrail_checks
     if checks:
         lines += [
             "**Guardrails on the final recipe:** "
-            + "; ".join(f"{c['metric']} {_md_cell(c['text'])}" for c in checks),
+            + "; ".join(f"{c.metric} {_md_cell(c.text)}" for c in checks),
             "",
         ]
     lines += [
@@ -203,20 +205,18 @@ def markdown(result: RoundResult) -> str:
         "",
         f"**Power:** {_power_line(d)}.",
         "",
-        f"Runs: {runs['executed']} executed, {runs['reused']} reused from the store, "
-        f"{runs['failed']} failed, budget {runs['budget']}; stopped: {d['stopped']}.",
+        f"Runs: {runs.executed} executed, {runs.reused} reused from the store, "
+        f"{runs.failed} failed, budget {runs.budget}; stopped: {d.stopped}.",
         "",
         *_md_code(d),
         "| contribution | area | decision | evidence |",
         "|---|---|---|---|",
     ]
-    for row in d["decisions"]:
-        lines.append(
-            f"| `{row['id']}` | {row['area']} | {_status(row)} | {_md_cell(row['reason'])} |"
-        )
+    for row in d.decisions:
+        lines.append(f"| `{row.id}` | {row.area} | {_status(row)} | {_md_cell(row.reason)} |")
     lines += _ladder_md(d)
-    if d["credit_table"]:
-        metrics = [m for m in d["credit_table"][0] if m not in ("id", "author", "status")]
+    if d.credit_table:
+        metrics = list(d.credit_table[0].metrics)
         lines += [
             "",
             "### Credit (Shapley value in the final model, 95% interval)",
@@ -224,11 +224,11 @@ def markdown(result: RoundResult) -> str:
             "| contribution | author | status | " + " | ".join(metrics) + " |",
             "|---|---|---|" + "---|" * len(metrics),
         ]
-        for row in d["credit_table"]:
-            cells = " | ".join(_fmt(row[m]["shapley"]) for m in metrics)
-            lines.append(f"| `{row['id']}` | {row['author']} | {row['status']} | {cells} |")
-    if d["notes"]:
-        lines += ["", "Notes:", *(f"- {note}" for note in d["notes"])]
+        for row in d.credit_table:
+            cells = " | ".join(fmt(*row.metrics[m].shapley) for m in metrics)
+            lines.append(f"| `{row.id}` | {row.author} | {row.status} | {cells} |")
+    if d.notes:
+        lines += ["", "Notes:", *(f"- {note}" for note in d.notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -240,10 +240,9 @@ def _shown_path(path: str) -> str:
         return path
 
 
-def _status(row: dict[str, Any]) -> str:
+def _status(row: Decision) -> str:
     """`shelved (vanishes)`; the kind is not repeated when it only restates the status."""
-    kind = row["kind"]
-    return row["status"] if kind == row["status"] else f"{row['status']} ({kind})"
+    return row.status if row.kind == row.status else f"{row.status} ({row.kind})"
 
 
 def _md_cell(text: str) -> str:
@@ -280,18 +279,15 @@ def html_page(result: RoundResult) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>stacklab integrate: {e(d['round'])}</title>",
+        f"<title>stacklab integrate: {e(d.round)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>Integration round <code>{e(d['round'])}</code></h1>",
-        f"<p class='muted'>baseline <code>{e(_shown_path(d['baseline']))}</code>; "
-        f"{d['runs']['executed']} runs executed, {d['runs']['reused']} reused, "
-        f"{d['runs']['failed']} failed (budget {d['runs']['budget']}); stopped: "
-        f"{e(d['stopped'])}</p>",
+        f"<h1>Integration round <code>{e(d.round)}</code></h1>",
+        f"<p class='muted'>baseline <code>{e(_shown_path(d.baseline))}</code>; "
+        f"{d.runs.executed} runs executed, {d.runs.reused} reused, "
+        f"{d.runs.failed} failed (budget {d.runs.budget}); stopped: "
+        f"{e(d.stopped)}</p>",
         "<p><b>Selected:</b> "
-        + (
-            ", ".join(f"<code>{e(c)}</code>" for c in d["selected"])
-            or "nothing (keep the baseline)"
-        )
+        + (", ".join(f"<code>{e(c)}</code>" for c in d.selected) or "nothing (keep the baseline)")
         + "</p>",
         _undecided_list(d),
         _predicted_table(d),
@@ -325,37 +321,37 @@ def html_page(result: RoundResult) -> str:
         _batches_table(result),
         _runs_table(result),
     ]
-    if d["notes"]:
-        parts += ["<h2>Notes</h2><ul>", *(f"<li>{e(n)}</li>" for n in d["notes"]), "</ul>"]
+    if d.notes:
+        parts += ["<h2>Notes</h2><ul>", *(f"<li>{e(n)}</li>" for n in d.notes), "</ul>"]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p) + "\n"
 
 
-def _stale_text(d: dict[str, Any]) -> str:
-    stale = d.get("stale") or {}
+def _stale_text(d: DecisionRecord) -> str:
+    stale = d.stale
     if not stale:
         return ""
     why = "; ".join(f"{n} because {reason}" for reason, n in stale.items())
     return f"{sum(stale.values())} stored runs of this round set aside as stale: {why}."
 
 
-def _md_code(d: dict[str, Any]) -> list[str]:
+def _md_code(d: DecisionRecord) -> list[str]:
     """The code the runs ran (a git round: base and each change's diffstat), and stale runs."""
-    code = d.get("code") or {}
+    code = d.code
     lines = []
-    if "changes" in code:
-        base = code["base"]
+    if code.changes is not None and code.base is not None:
+        commit = (code.base.commit or "")[:12]
         lines += [
-            f"**Code:** `{code['repo']}` at `{base['ref']}` ({base['commit'][:12]}); each "
+            f"**Code:** `{code.repo}` at `{code.base.ref}` ({commit}); each "
             "subset merges its members' changes in round order.",
             "",
             "| contribution | ref | files | diffstat |",
             "|---|---|---|---|",
         ]
-        for cid, ch in code["changes"].items():
+        for cid, ch in code.changes.items():
             lines.append(
-                f"| `{cid}` | `{ch['ref']}` ({ch['commit'][:12]}) | "
-                f"{_md_cell(', '.join(ch['files']))} | +{ch['insertions']} -{ch['deletions']} |"
+                f"| `{cid}` | `{ch.ref}` ({ch.commit[:12]}) | "
+                f"{_md_cell(', '.join(ch.files))} | +{ch.insertions} -{ch.deletions} |"
             )
         lines.append("")
     stale = _stale_text(d)
@@ -364,36 +360,33 @@ def _md_code(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _code_section(d: dict[str, Any]) -> str:
+def _code_section(d: DecisionRecord) -> str:
     e = html.escape
-    code = d.get("code") or {}
+    code = d.code
     stale = _stale_text(d)
     parts = []
-    if "changes" in code:
-        base = code["base"]
+    if code.changes is not None and code.base is not None:
         rows = "".join(
-            f"<tr><td><code>{e(cid)}</code></td><td><code>{e(ch['ref'])}</code> "
-            f"<span class='muted small'>{e(ch['commit'][:12])}</span></td>"
-            f"<td class='small'><pre>{e(ch['diffstat'])}</pre></td></tr>"
-            for cid, ch in code["changes"].items()
+            f"<tr><td><code>{e(cid)}</code></td><td><code>{e(ch.ref)}</code> "
+            f"<span class='muted small'>{e(ch.commit[:12])}</span></td>"
+            f"<td class='small'><pre>{e(ch.diffstat)}</pre></td></tr>"
+            for cid, ch in code.changes.items()
         )
         parts.append(
-            f"<p class='small'>Repository <code>{e(code['repo'])}</code> at "
-            f"<code>{e(base['ref'])}</code> ({e(base['commit'][:12])}); each subset merges its "
-            "members' changes into it in round order, and runs in the merged tree.</p>"
+            f"<p class='small'>Repository <code>{e(code.repo or '')}</code> at "
+            f"<code>{e(code.base.ref)}</code> ({e((code.base.commit or '')[:12])}); each subset "
+            "merges its members' changes into it in round order, and runs in the merged tree.</p>"
             f"<table><tr><th>contribution</th><th>ref</th><th>diffstat</th></tr>{rows}</table>"
         )
-    else:
-        covers = (code.get("baseline") or {}).get("covers")
-        if covers:
-            parts.append(f"<p class='small'>Every run's code: {e(covers)}.</p>")
+    elif isinstance(code.baseline, FilesCode) and code.baseline.covers:
+        parts.append(f"<p class='small'>Every run's code: {e(code.baseline.covers)}.</p>")
     if stale:
         parts.append(f"<p class='small'>{e(stale)}</p>")
     return "<h2>Code</h2>" + "".join(parts) if parts else ""
 
 
-def _undecided_list(d: dict[str, Any]) -> str:
-    undecided = d.get("undecided") or {}
+def _undecided_list(d: DecisionRecord) -> str:
+    undecided = d.undecided
     if not undecided:
         return ""
     items = "".join(
@@ -406,10 +399,10 @@ def _undecided_list(d: dict[str, Any]) -> str:
     )
 
 
-def _predicted_table(d: dict[str, Any]) -> str:
+def _predicted_table(d: DecisionRecord) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(m)}</td><td class='num'>{_fmt(v)}</td></tr>"
-        for m, v in d["predicted"].items()
+        f"<tr><td>{html.escape(m)}</td><td class='num'>{fmt(*v)}</td></tr>"
+        for m, v in d.predicted.items()
     )
     return (
         "<table style='width:auto'><tr><th>selected vs baseline</th><th>change [95%], "
@@ -417,33 +410,29 @@ def _predicted_table(d: dict[str, Any]) -> str:
     )
 
 
-def _decision_table(d: dict[str, Any]) -> str:
+def _decision_table(d: DecisionRecord) -> str:
     """One tbody per contribution: its decision row, then the comparisons behind it."""
     e = html.escape
-    metrics = list(
-        dict.fromkeys(
-            m for row in d["decisions"] for x in row.get("evidence", []) for m in x["metrics"]
-        )
-    )
+    metrics = list(dict.fromkeys(m for row in d.decisions for x in row.evidence for m in x.metrics))
     groups = []
-    for row in d["decisions"]:
-        kind = row["kind"]
+    for row in d.decisions:
+        kind = row.kind
         decision = (
-            f"<td class='{e(row['status'])}'>{e(row['status'])}"
+            f"<td class='{e(row.status)}'>{e(row.status)}"
             + (
                 f"<br><span class='muted small'>{e(kind.replace('_', ' '))}</span>"
-                if kind != row["status"]
+                if kind != row.status
                 else ""
             )
             + "</td>"
         )
         body = (
-            f"<tr class='decision'><td><code>{e(row['id'])}</code><br>"
-            f"<span class='muted small'>{e(row['blind_id'])}</span></td>"
-            f"<td>{e(row['area'])}</td><td>{e(row['summary'])}</td>{decision}"
-            f"<td>{e(row['reason'])}</td></tr>"
+            f"<tr class='decision'><td><code>{e(row.id)}</code><br>"
+            f"<span class='muted small'>{e(row.blind_id)}</span></td>"
+            f"<td>{e(row.area)}</td><td>{e(row.summary)}</td>{decision}"
+            f"<td>{e(row.reason)}</td></tr>"
         )
-        if row.get("evidence"):
+        if row.evidence:
             body += (
                 f"<tr class='evidence'><td colspan='5'>{_evidence_table(row, metrics)}</td></tr>"
             )
@@ -454,29 +443,29 @@ def _decision_table(d: dict[str, Any]) -> str:
     )
 
 
-def _evidence_table(row: dict[str, Any], metrics: Sequence[str]) -> str:
+def _evidence_table(row: Decision, metrics: Sequence[str]) -> str:
     """The direct comparisons behind one decision, recipe a minus recipe b, at their level."""
     e = html.escape
     head = "".join(f"<th>{e(m)}</th>" for m in metrics)
     rows = []
-    for item in row["evidence"]:
-        seeds = item.get("seeds") or []
-        verdict = str(item.get("verdict", ""))
-        if item["comparison"] == "interaction":
-            x, y = item["pair"]
-            exact = f"[{x} + {y}] \u2212 [{x}] \u2212 [{y}] + [baseline]"
+    for item in row.evidence:
+        seeds = item.seeds
+        verdict = item.verdict
+        if isinstance(item, ComparisonEvidence):
+            exact = f"[{_names(item.a)}] \u2212 [{_names(item.b)}]"
         else:
-            exact = f"[{_names(item['a'])}] \u2212 [{_names(item['b'])}]"
+            x, y = item.pair
+            exact = f"[{x} + {y}] \u2212 [{x}] \u2212 [{y}] + [baseline]"
         cells = "".join(
-            f"<td class='num'>{_fmt(item['metrics'].get(m) or [None] * 3)}</td>" for m in metrics
+            f"<td class='num'>{fmt(*item.metrics.get(m, (None, None, None)))}</td>" for m in metrics
         )
         rows.append(
-            f"<tr><td class='nw'>{e(item['comparison'])}</td>"
+            f"<tr><td class='nw'>{e(item.comparison)}</td>"
             f"<td title='{e(exact)}'>{e(_comparison_words(item))}</td>"
             f"<td class='num' title='{e(', '.join(map(str, seeds)))}'>"
-            f"{len(seeds) or '&mdash;'}</td><td class='num'>{_pct(item.get('level'))}</td>"
+            f"{len(seeds) or '&mdash;'}</td><td class='num'>{_pct(item.level)}</td>"
             f"<td class='nw'>{e(_VERDICT_WORDS.get(verdict, verdict))}</td>"
-            f"<td class='num'>{_fmt(item.get('utility') or [None] * 3)}</td>{cells}</tr>"
+            f"<td class='num'>{fmt(*item.utility)}</td>{cells}</tr>"
         )
     return (
         "<table class='ev'><tr><th>comparison</th><th>a \u2212 b</th><th>seeds</th>"
@@ -484,51 +473,49 @@ def _evidence_table(row: dict[str, Any], metrics: Sequence[str]) -> str:
     )
 
 
-def _power_section(d: dict[str, Any]) -> str:
+def _power_section(d: DecisionRecord) -> str:
     """What the runs can resolve: the noise, min_effect, the detectable gain, the plan.
 
     Without these a "no gain shown" reads as "no gain"; with them a reader sees how large a
     gain the round could have missed.
     """
     e = html.escape
-    floor = d.get("noise_floor") or {}
     rows = "".join(
-        f"<tr><td>{e(m)}</td><td class='num'>{_num(sd)}</td></tr>" for m, sd in floor.items()
+        f"<tr><td>{e(m)}</td><td class='num'>{_num(sd)}</td></tr>"
+        for m, sd in d.noise_floor.items()
     )
-    scales = d.get("scales") or {}
-    objectives = {o["metric"]: o for o in d.get("objectives") or []}
+    objectives = {o.metric: o for o in d.objectives}
     units = "; ".join(
-        f"{m} ({objectives.get(m, {}).get('direction', 'max')}): weight "
-        f"{_num(objectives.get(m, {}).get('weight'))}, scale {_num(s)}"
-        for m, s in scales.items()
+        f"{m} ({o.direction if o else 'max'}): weight {_num(o.weight if o else None)}, "
+        f"scale {_num(s)}"
+        for m, s in d.scales.items()
+        for o in [objectives.get(m)]
     )
-    conf = d.get("confirmation") or {}
+    conf = d.confirmation
     head = "<tr><th>metric</th><th>noise floor: sd of one run after the seed effect</th></tr>"
     out = [
         f"<table style='width:auto'>{head}{rows}</table>" if rows else "",
         "<p>Utility: the sum over the objectives of weight &times; change / scale, signed so "
         f"that higher is better ({e(units or 'n/a')}). min_effect, the smallest gain worth "
-        f"keeping a member for: <b>{_num(d.get('min_effect'))}</b> utility.</p>",
+        f"keeping a member for: <b>{_num(d.min_effect)}</b> utility.</p>",
         f"<p>Power: {e(_power_line(d))}.</p>",
     ]
-    if conf.get("looks"):
-        seeds = conf.get("seeds") or []
+    if conf.looks:
         out.append(
-            f"<p>Confirmation plan: up to {conf['looks']} looks &times; {conf.get('block')} "
-            f"seeds, alpha {_num(conf.get('alpha'))} spent across the looks; interval level "
-            f"per look: {e(_levels(conf.get('levels') or []))}. Used {len(seeds)} confirmation "
+            f"<p>Confirmation plan: up to {conf.looks} looks &times; {conf.block} "
+            f"seeds, alpha {_num(conf.alpha)} spent across the looks; interval level "
+            f"per look: {e(_levels(conf.levels))}. Used {len(conf.seeds)} confirmation "
             f"seeds"
-            + (", and ran out of budget" if conf.get("out_of_budget") else "")
-            + f". Chosen to confirm: {e(_names(conf.get('chosen') or []))}; final recipe "
-            f"confirmed: {e(_names(conf.get('final') or []))}.</p>"
+            + (", and ran out of budget" if conf.out_of_budget else "")
+            + f". Chosen to confirm: {e(_names(conf.chosen))}; final recipe "
+            f"confirmed: {e(_names(conf.final))}.</p>"
         )
-    attempts = conf.get("attempts") or []
-    if attempts:
+    if conf.attempts:
         rows = "".join(
-            f"<tr><td class='num'>{k}</td><td>{e(_names(a.get('recipe') or []))}</td>"
-            f"<td>{e(_pairs(a.get('verdicts') or {}, _VERDICT_WORDS))}</td>"
-            f"<td>{e(_pairs(a.get('guardrails') or {}, {}))}</td></tr>"
-            for k, a in enumerate(attempts, 1)
+            f"<tr><td class='num'>{k}</td><td>{e(_names(a.recipe))}</td>"
+            f"<td>{e(_pairs(a.verdicts, _VERDICT_WORDS))}</td>"
+            f"<td>{e(_pairs(a.guardrails, {}))}</td></tr>"
+            for k, a in enumerate(conf.attempts, 1)
         )
         out.append(
             "<table class='small'><tr><th>attempt</th><th>recipe confirmed</th><th>comparisons"
@@ -537,37 +524,37 @@ def _power_section(d: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _pairs(mapping: dict[str, str], words: dict[str, str]) -> str:
+def _pairs(mapping: Mapping[str, str], words: Mapping[str, str]) -> str:
     return "; ".join(f"{k}: {words.get(v, v)}" for k, v in mapping.items()) or "\u2014"
 
 
-def _guard_rule(g: dict[str, Any]) -> str:
+def _guard_rule(g: GuardrailRecord) -> str:
     """A guardrail as written in the round file, in words."""
-    if g.get("kind") == "ratio":
-        op = ">=" if g.get("direction") == "max" else "<="
-        return f"{op} {g['threshold']:g} x baseline"
-    worse, better = ("fall", "rise") if g.get("direction") == "max" else ("rise", "fall")
-    if g["threshold"] <= 0:
-        return f"may {worse} at most {abs(g['threshold']):g}"
-    return f"must {better} at least {g['threshold']:g}"
+    if g.kind == "ratio":
+        op = ">=" if g.direction == "max" else "<="
+        return f"{op} {g.threshold:g} x baseline"
+    worse, better = ("fall", "rise") if g.direction == "max" else ("rise", "fall")
+    if g.threshold <= 0:
+        return f"may {worse} at most {abs(g.threshold):g}"
+    return f"must {better} at least {g.threshold:g}"
 
 
-def _guardrail_section(d: dict[str, Any]) -> str:
+def _guardrail_section(d: DecisionRecord) -> str:
     """Each guardrail judged on the recipe that would ship, against the baseline."""
     e = html.escape
-    rules = {g["metric"]: g for g in d.get("guardrails") or []}
-    checks = d.get("guardrail_checks") or []
+    rules = {g.metric: g for g in d.guardrails}
+    checks = d.guardrail_checks
     if not rules:
         return "<p class='muted'>This round has no guardrails.</p>"
     if not checks:
         return "<p class='muted'>No guardrail was checked: no final recipe to check.</p>"
     rows = "".join(
-        f"<tr><td>{e(c['metric'])}</td>"
-        f"<td>{e(_guard_rule(rules[c['metric']]) if c['metric'] in rules else '')}</td>"
-        f"<td class='{e(c['state'])}'>{e(c['state'])}</td>"
-        f"<td class='num'>{_fmt(c.get('margin') or [None] * 3)}</td>"
-        f"<td class='num'>{_pct(c.get('level'))}</td>"
-        f"<td class='num'>{len(c.get('seeds') or [])}</td><td>{e(c.get('text', ''))}</td></tr>"
+        f"<tr><td>{e(c.metric)}</td>"
+        f"<td>{e(_guard_rule(rules[c.metric]) if c.metric in rules else '')}</td>"
+        f"<td class='{e(c.state)}'>{e(c.state)}</td>"
+        f"<td class='num'>{fmt(*c.margin)}</td>"
+        f"<td class='num'>{_pct(c.level)}</td>"
+        f"<td class='num'>{len(c.seeds)}</td><td>{e(c.text)}</td></tr>"
         for c in checks
     )
     return (
@@ -664,7 +651,7 @@ def _forest(
         fill = c if filled or filled is None else "white"
         out.append(
             f'<circle cx="{x(est):.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{c}" '
-            f'stroke-width="2"><title>{e(label)}: {_fmt([est, lo, hi])}</title></circle>'
+            f'stroke-width="2"><title>{e(label)}: {fmt(est, lo, hi)}</title></circle>'
         )
     for v, label in x.ticks(_text_px):
         out.append(
@@ -697,117 +684,114 @@ def _plain(value: Any) -> str:
     return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _patch_words(patch: dict[str, Any] | None) -> str:
+def _patch_words(patch: Mapping[str, Any]) -> str:
     """A rung's patch as `model.depth=2, pretrain.steps=100`."""
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in (patch or {}).items()) or "no patch"
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in patch.items()) or "no patch"
 
 
-def _rung_names(d: dict[str, Any]) -> list[str]:
+def _transfers(row: Decision) -> dict[str, RungComparison]:
+    """rung name -> the contribution's comparison there."""
+    return {m.rung: m for m in row.transfer.rungs} if row.transfer else {}
+
+
+def _rung_names(d: DecisionRecord) -> list[str]:
     """Rung names, smallest first: the ladder's, then any a transfer names that it lacks."""
-    names = [str(r["name"]) for r in (d.get("ladder") or {}).get("rungs") or []]
-    for row in d.get("decisions") or []:
-        for m in (row.get("transfer") or {}).get("rungs") or []:
-            if str(m["rung"]) not in names:
-                names.append(str(m["rung"]))
+    names = [r.name for r in d.ladder.rungs] if d.ladder else []
+    for row in d.decisions:
+        for rung in _transfers(row):
+            if rung not in names:
+                names.append(rung)
     return names
 
 
-def _units_used(rung: dict[str, Any]) -> float | None:
-    """Cost units a rung spent: its own figure, else runs x cost (a run costs `cost` units)."""
-    if rung.get("units_used") is not None:
-        return float(rung["units_used"])
-    runs, cost = rung.get("runs"), rung.get("cost")
-    return None if runs is None or cost is None else float(runs) * float(cost)
-
-
-def _budget_words(ladder: dict[str, Any]) -> str:
+def _budget_words(ladder: LadderRecord) -> str:
     return (
-        f"{_num(ladder.get('units_used'))} of {_num(ladder.get('budget_units'))} cost units "
+        f"{_num(ladder.units_used)} of {_num(ladder.budget_units)} cost units "
         "used (a run at a rung of cost c uses c units; what a rung leaves unspent passes to "
         "the next)"
     )
 
 
-def _rung_words(rung: dict[str, Any]) -> str:
+def _rung_words(rung: RungRecord) -> str:
     """One rung in a line: cost, budget, runs, noise, what it chose."""
     words = [
-        f"cost {_num(rung.get('cost'))} per run ({rung.get('cost_source') or 'n/a'})",
-        f"share {_pct(rung.get('share'))}",
-        f"{_num(rung.get('budget_units'))} units budgeted ({rung.get('budget_runs', 'n/a')} runs)",
-        f"{rung.get('runs', 'n/a')} runs used {_num(_units_used(rung))} units",
-        f"utility noise {_num(rung.get('noise_floor'))} per run",
-        f"chose {_names(rung.get('chosen') or [])}",
-        f"final {_names(rung.get('final') or [])}",
+        f"cost {_num(rung.cost)} per run ({rung.cost_source})",
+        f"share {_pct(rung.share)}",
+        f"{_num(rung.budget_units)} units budgeted ({rung.budget_runs} runs)",
+        f"{rung.runs} runs used {_num(rung.units_used)} units",
+        f"utility noise {_num(rung.noise_floor)} per run",
+        f"chose {_names(rung.chosen)}",
+        f"final {_names(rung.final)}",
     ]
-    if rung.get("close_calls"):
-        words.append(f"close calls measured: {', '.join(rung['close_calls'])}")
-    if rung.get("out_of_budget"):
+    if rung.close_calls:
+        words.append(f"close calls measured: {', '.join(rung.close_calls)}")
+    if rung.out_of_budget:
         words.append("ran out of budget")
     return "; ".join(words)
 
 
-def _agreement_words(a: dict[str, Any]) -> str:
+def _agreement_words(a: Agreement) -> str:
     """`Kendall's tau between s and m over 6 recipes: ...; 3 of 4 verdicts at s confirmed`."""
-    low, high = a.get("from", "?"), a.get("to", "?")
+    low, high = a.from_, a.to
     text = (
-        f"Kendall's tau between {low} and {high} over {a.get('subsets', 'n/a')} recipes: "
-        f"{_fmt(a.get('kendall_tau') or [None] * 3)}"
+        f"Kendall's tau between {low} and {high} over {a.subsets} recipes: "
+        f"{fmt(*(a.kendall_tau or (None, None, None)))}"
     )
-    compared = a.get("verdicts_compared") or 0
-    if compared:
-        return f"{text}; {a.get('verdicts_confirmed', 0)} of {compared} verdicts at {low} " + (
+    if a.verdicts_compared:
+        return (
+            f"{text}; {a.verdicts_confirmed} of {a.verdicts_compared} verdicts at {low} "
             f"confirmed at {high}"
         )
     return f"{text}; no verdict at {low} to check at {high}"
 
 
-def _lr_sides(lr: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _lr_sides(lr: LrTuning) -> list[tuple[str, LrCurve]]:
     """(who, tuning) for the baseline and the chosen recipe."""
-    recipe = f"the chosen recipe ({_names(lr.get('recipe') or [])})"
-    return [("the baseline", lr.get("baseline") or {}), (recipe, lr.get("final") or {})]
+    recipe = f"the chosen recipe ({_names(lr.recipe)})"
+    return [("the baseline", lr.baseline), (recipe, lr.final)]
 
 
-def _lr_head(lr: dict[str, Any]) -> str:
-    seeds = ", ".join(map(str, lr.get("seeds") or [])) or "n/a"
+def _lr_head(lr: LrTuning) -> str:
+    seeds = ", ".join(map(str, lr.seeds)) or "n/a"
     return (
-        f"{lr.get('key', 'n/a')} tuned at rung {lr.get('rung', 'n/a')} over "
-        f"{', '.join(_plain(v) for v in lr.get('values') or []) or 'n/a'}, on seeds {seeds} "
+        f"{lr.key} tuned at rung {lr.rung} over "
+        f"{', '.join(_plain(v) for v in lr.values) or 'n/a'}, on seeds {seeds} "
         "of its own (used for no verdict). The comparisons there run the baseline at its best "
-        f"value, {_plain((lr.get('baseline') or {}).get('best'))}, and every other recipe at "
-        f"the chosen recipe's, {_plain((lr.get('final') or {}).get('best'))}."
+        f"value, {_plain(lr.baseline.best)}, and every other recipe at "
+        f"the chosen recipe's, {_plain(lr.final.best)}."
     )
 
 
-def _transfer_cell(m: dict[str, Any]) -> str:
+def _transfer_cell(m: RungComparison) -> str:
     """A contribution's comparison at one rung, in words: interval, verdict, kind."""
-    verdict = str(m.get("verdict", ""))
     return (
-        f"{_fmt(m.get('utility') or [None] * 3)} {_VERDICT_WORDS.get(verdict, verdict)} "
-        f"({m.get('comparison', '?')}, {len(m.get('seeds') or [])} seeds)"
+        f"{fmt(*m.utility)} {_VERDICT_WORDS.get(m.verdict, m.verdict)} "
+        f"({m.comparison}, {len(m.seeds)} seeds)"
     )
 
 
-def _pattern_words(transfer: dict[str, Any]) -> str:
+def _pattern_words(transfer: Transfer | None) -> str:
     """`flips (sign changed)`: the pattern, with the changes behind it."""
+    if transfer is None:
+        return ""
     changed = [
         words
-        for key, words in (
-            ("sign_changed", "sign changed"),
-            ("significance_changed", "significance changed"),
+        for flag, words in (
+            (transfer.sign_changed, "sign changed"),
+            (transfer.significance_changed, "significance changed"),
         )
-        if transfer.get(key)
+        if flag
     ]
-    pattern = str(transfer.get("pattern") or "")
-    return f"{pattern} ({', '.join(changed)})" if changed else pattern
+    return f"{transfer.pattern} ({', '.join(changed)})" if changed else transfer.pattern
 
 
-def _decided_at(row: dict[str, Any]) -> str:
-    return _status(row) + (f" at {row['rung']}" if row.get("rung") else "")
+def _decided_at(row: Decision) -> str:
+    return _status(row) + (f" at {row.rung}" if row.rung else "")
 
 
-def _ladder_md(d: dict[str, Any]) -> list[str]:
+def _ladder_md(d: DecisionRecord) -> list[str]:
     """report.md's "Scale ladder" section; nothing without a ladder."""
-    ladder = d.get("ladder")
+    ladder = d.ladder
     if not ladder:
         return []
     names = _rung_names(d)
@@ -818,22 +802,19 @@ def _ladder_md(d: dict[str, Any]) -> list[str]:
         f"**Budget:** {_budget_words(ladder)}.",
         "",
         *(
-            f"- **{r['name']}** (`{_md_cell(_patch_words(r.get('patch')))}`): "
-            f"{_md_cell(_rung_words(r))}"
-            for r in ladder.get("rungs") or []
+            f"- **{r.name}** (`{_md_cell(_patch_words(r.patch))}`): {_md_cell(_rung_words(r))}"
+            for r in ladder.rungs
         ),
         "",
     ]
-    for a in ladder.get("agreement") or []:
+    for a in ladder.agreement:
         lines += [f"**Agreement:** {_agreement_words(a)}.", ""]
-    lr = ladder.get("lr_tuning")
+    lr = ladder.lr_tuning
     if lr:
         lines += [f"**Learning rate:** {_md_cell(_lr_head(lr))}", ""]
         for who, side in _lr_sides(lr):
-            curve = ", ".join(f"{_plain(v)}: {_signed(u)}" for v, u in side.get("utility") or [])
-            lines.append(
-                f"- {_md_cell(who)}: best {_plain(side.get('best'))} (mean utility {curve})"
-            )
+            curve = ", ".join(f"{_plain(v)}: {_signed(u)}" for v, u in side.utility)
+            lines.append(f"- {_md_cell(who)}: best {_plain(side.best)} (mean utility {curve})")
         lines.append("")
     lines += [
         "Utility at each rung (interval, verdict, comparison and seeds):",
@@ -841,35 +822,34 @@ def _ladder_md(d: dict[str, Any]) -> list[str]:
         "| contribution | decision | " + " | ".join(names) + " | pattern |",
         "|---|---|" + "---|" * len(names) + "---|",
     ]
-    for row in d["decisions"]:
-        transfer = row.get("transfer") or {}
-        at = {str(m["rung"]): m for m in transfer.get("rungs") or []}
+    for row in d.decisions:
+        at = _transfers(row)
         cells = " | ".join(_transfer_cell(at[n]) if n in at else _DASH for n in names)
         lines.append(
-            f"| `{row['id']}` | {_decided_at(row)} | {cells} | {_pattern_words(transfer)} |"
+            f"| `{row.id}` | {_decided_at(row)} | {cells} | {_pattern_words(row.transfer)} |"
         )
     return lines
 
 
-def _ladder_section(d: dict[str, Any]) -> str:
+def _ladder_section(d: DecisionRecord) -> str:
     """report.html's "Scale ladder" section; "" without a ladder."""
-    ladder = d.get("ladder")
+    ladder = d.ladder
     if not ladder:
         return ""
     e = html.escape
     names = _rung_names(d)
     rungs = "".join(
-        f"<tr><td><b>{e(str(r['name']))}</b></td><td><code>{e(_patch_words(r.get('patch')))}"
-        f"</code></td><td class='num'>{_num(r.get('cost'))} "
-        f"<span class='muted small'>{e(str(r.get('cost_source') or 'n/a'))}</span></td>"
-        f"<td class='num'>{_pct(r.get('share'))}</td>"
-        f"<td class='num'>{_num(r.get('budget_units'))} ({e(str(r.get('budget_runs', 'n/a')))} "
-        f"runs)</td><td class='num'>{_num(_units_used(r))} ({e(str(r.get('runs', 'n/a')))} "
-        f"runs){' <b>out of budget</b>' if r.get('out_of_budget') else ''}</td>"
-        f"<td class='num'>{_num(r.get('noise_floor'))}</td>"
-        f"<td>{e(_names(r.get('chosen') or []))}</td><td>{e(_names(r.get('final') or []))}</td>"
-        f"<td>{e(', '.join(r.get('close_calls') or []) or _DASH)}</td></tr>"
-        for r in ladder.get("rungs") or []
+        f"<tr><td><b>{e(r.name)}</b></td><td><code>{e(_patch_words(r.patch))}"
+        f"</code></td><td class='num'>{_num(r.cost)} "
+        f"<span class='muted small'>{e(r.cost_source)}</span></td>"
+        f"<td class='num'>{_pct(r.share)}</td>"
+        f"<td class='num'>{_num(r.budget_units)} ({r.budget_runs} "
+        f"runs)</td><td class='num'>{_num(r.units_used)} ({r.runs} "
+        f"runs){' <b>out of budget</b>' if r.out_of_budget else ''}</td>"
+        f"<td class='num'>{_num(r.noise_floor)}</td>"
+        f"<td>{e(_names(r.chosen))}</td><td>{e(_names(r.final))}</td>"
+        f"<td>{e(', '.join(r.close_calls) or _DASH)}</td></tr>"
+        for r in ladder.rungs
     )
     parts = [
         "<h2>Scale ladder</h2>",
@@ -881,64 +861,62 @@ def _ladder_section(d: dict[str, Any]) -> str:
         "<table><tr><th>rung</th><th>patch</th><th>cost per run</th><th>share</th>"
         "<th>budgeted units</th><th>used units</th><th>utility noise per run</th>"
         f"<th>chose</th><th>final</th><th>close calls measured</th></tr>{rungs}</table>",
-        *(f"<p>{e(_agreement_words(a))}.</p>" for a in ladder.get("agreement") or []),
-        _lr_table(ladder.get("lr_tuning")),
+        *(f"<p>{e(_agreement_words(a))}.</p>" for a in ladder.agreement),
+        _lr_table(ladder.lr_tuning),
         _transfer_table(d, names),
         _ladder_svg(d),
     ]
     return "".join(parts)
 
 
-def _lr_table(lr: dict[str, Any] | None) -> str:
+def _lr_table(lr: LrTuning | None) -> str:
     """Mean utility at each learning rate tried, for the baseline and the chosen recipe."""
     if not lr:
         return ""
     e = html.escape
     sides = _lr_sides(lr)
-    curves = [{v: u for v, u in side.get("utility") or []} for _, side in sides]
-    values = list(dict.fromkeys([*(lr.get("values") or []), *(v for c in curves for v in c)]))
+    curves = [dict(side.utility) for _, side in sides]
+    values = list(dict.fromkeys([*lr.values, *(v for c in curves for v in c)]))
     rows = []
     for v in values:
         cells = "".join(
-            f"<td class='num'>{'<b>' if v == side.get('best') else ''}"
-            f"{_signed(curve.get(v))}{'</b>' if v == side.get('best') else ''}</td>"
+            f"<td class='num'>{'<b>' if v == side.best else ''}"
+            f"{_signed(curve.get(v))}{'</b>' if v == side.best else ''}</td>"
             for (_, side), curve in zip(sides, curves, strict=True)
         )
         rows.append(f"<tr><td class='num'>{e(_plain(v))}</td>{cells}</tr>")
     head = "".join(f"<th>{e(who)}: mean utility</th>" for who, _ in sides)
     return (
         f"<p>Learning rate: {e(_lr_head(lr))}</p><table style='width:auto'><tr>"
-        f"<th>{e(str(lr.get('key', 'value')))}</th>{head}</tr>{''.join(rows)}</table>"
+        f"<th>{e(lr.key)}</th>{head}</tr>{''.join(rows)}</table>"
         "<p class='muted small'>Bold: each one's best value.</p>"
     )
 
 
-def _transfer_table(d: dict[str, Any], names: Sequence[str]) -> str:
+def _transfer_table(d: DecisionRecord, names: Sequence[str]) -> str:
     """Contribution x rung: the utility interval and verdict where measured, and the pattern."""
     e = html.escape
     rows = []
-    for row in d["decisions"]:
-        transfer = row.get("transfer") or {}
-        at = {str(m["rung"]): m for m in transfer.get("rungs") or []}
+    for row in d.decisions:
+        at = _transfers(row)
         cells = []
         for n in names:
             m = at.get(n)
             if m is None:
                 cells.append("<td class='muted'>&mdash;</td>")
                 continue
-            verdict = str(m.get("verdict", ""))
             cells.append(
                 f"<td class='num' title='{e(_comparison_words(m))}'>"
-                f"{_fmt(m.get('utility') or [None] * 3)}<br>"
-                f"<span style='color:{_VERDICT_COLOR.get(verdict, _NEUTRAL)}'>"
-                f"{e(_VERDICT_WORDS.get(verdict, verdict))}</span><br>"
-                f"<span class='muted small'>{e(str(m.get('comparison', '?')))}, "
-                f"{len(m.get('seeds') or [])} seeds, {_pct(m.get('level'))}</span></td>"
+                f"{fmt(*m.utility)}<br>"
+                f"<span style='color:{_VERDICT_COLOR.get(m.verdict, _NEUTRAL)}'>"
+                f"{e(_VERDICT_WORDS.get(m.verdict, m.verdict))}</span><br>"
+                f"<span class='muted small'>{e(m.comparison)}, "
+                f"{len(m.seeds)} seeds, {_pct(m.level)}</span></td>"
             )
         rows.append(
-            f"<tr><td><code>{e(row['id'])}</code></td>"
-            f"<td class='{e(row['status'])}'>{e(_decided_at(row))}</td>{''.join(cells)}"
-            f"<td>{e(_pattern_words(transfer))}</td></tr>"
+            f"<tr><td><code>{e(row.id)}</code></td>"
+            f"<td class='{e(row.status)}'>{e(_decided_at(row))}</td>{''.join(cells)}"
+            f"<td>{e(_pattern_words(row.transfer))}</td></tr>"
         )
     head = "".join(f"<th>{e(n)}: utility</th>" for n in names)
     return (
@@ -947,7 +925,7 @@ def _transfer_table(d: dict[str, Any], names: Sequence[str]) -> str:
     )
 
 
-def _ladder_svg(d: dict[str, Any]) -> str:
+def _ladder_svg(d: DecisionRecord) -> str:
     """Small multiples: each measured contribution's utility effect against the rungs.
 
     One panel per contribution, all on one utility axis (effects at every rung are in the
@@ -957,18 +935,15 @@ def _ladder_svg(d: dict[str, Any]) -> str:
     """
     e = html.escape
     names = _rung_names(d)
-    panels = [
-        (row, {str(m["rung"]): m for m in (row.get("transfer") or {}).get("rungs") or []})
-        for row in d["decisions"]
-    ]
+    panels = [(row, _transfers(row)) for row in d.decisions]
     panels = [(row, at) for row, at in panels if at]
     if not panels or not names:
         return ""
 
-    def number(v: Any) -> float:
+    def number(v: float | None) -> float:
         return math.nan if v is None else float(v)
 
-    values = [number(v) for _, at in panels for m in at.values() for v in m.get("utility") or []]
+    values = [number(v) for _, at in panels for m in at.values() for v in m.utility]
     top, bottom = 40, 150
     y = _Scale(values, bottom, top)
     ticks = y.ticks(lambda label: 14.0)  # stacked: one line of text apart
@@ -987,14 +962,13 @@ def _ladder_svg(d: dict[str, Any]) -> str:
     ]
     for k, (row, at) in enumerate(panels):
         ox, oy = (panel_w + gap) * (k % cols), (panel_h + gap) * (k // cols)
-        transfer = row.get("transfer") or {}
         out += [
             f'<g transform="translate({ox},{oy})">',
             f'<rect x="0.5" y="0.5" width="{panel_w - 1}" height="{panel_h - 1}" fill="none" '
             'stroke="#d0d7de"/>',
-            f'<text x="6" y="15" font-weight="600">{e(_fit(row["id"], panel_w - 12))}</text>',
+            f'<text x="6" y="15" font-weight="600">{e(_fit(row.id, panel_w - 12))}</text>',
             f'<text x="6" y="29" font-size="10" fill="#656d76">'
-            f"{e(_fit(_pattern_words(transfer), panel_w - 12, 10))}</text>",
+            f"{e(_fit(_pattern_words(row.transfer), panel_w - 12, 10))}</text>",
             f'<line x1="{left}" y1="{y(0):.1f}" x2="{panel_w - 6}" y2="{y(0):.1f}" '
             f'stroke="{_NEUTRAL}" stroke-dasharray="3,3"/>',
             *(
@@ -1005,15 +979,15 @@ def _ladder_svg(d: dict[str, Any]) -> str:
         ]
         xs = {n: left + slot * j + slot / 2 for j, n in enumerate(names)}
         for n, cx in xs.items():
-            bold = ' font-weight="600"' if n == row.get("rung") else ""
+            bold = ' font-weight="600"' if n == row.rung else ""
             out.append(
                 f'<text x="{cx:.1f}" y="{bottom + 16}" text-anchor="middle"{bold}>'
                 f"{e(_fit(n, slot - 4))}</text>"
             )
         trail = [
-            f"{xs[n]:.1f},{y(number(at[n]['utility'][0])):.1f}"
+            f"{xs[n]:.1f},{y(number(at[n].utility[0])):.1f}"
             for n in names
-            if n in at and math.isfinite(number((at[n].get("utility") or [None])[0]))
+            if n in at and math.isfinite(number(at[n].utility[0]))
         ]
         if len(trail) > 1:
             out.append(
@@ -1021,7 +995,7 @@ def _ladder_svg(d: dict[str, Any]) -> str:
                 'stroke-width="1"/>'
             )
         for n, m in at.items():
-            out.append(_ladder_mark(row["id"], n, m, xs[n], y, top, bottom))
+            out.append(_ladder_mark(row.id, n, m, xs[n], y, top, bottom))
         out.append("</g>")
     out.append("</svg>")
     legend = (
@@ -1034,21 +1008,19 @@ def _ladder_svg(d: dict[str, Any]) -> str:
 
 
 def _ladder_mark(
-    cid: str, rung: str, m: dict[str, Any], cx: float, y: _Scale, top: float, bottom: float
+    cid: str, rung: str, m: RungComparison, cx: float, y: _Scale, top: float, bottom: float
 ) -> str:
     """One rung's interval bar and estimate dot, with the comparison as the group's tooltip.
 
     A null (or non-finite) end runs the bar to the plot's edge and ends it in an arrow.
     """
     e = html.escape
-    utility = [*(m.get("utility") or []), None, None, None][:3]
-    est, lo, hi = (math.nan if v is None or not math.isfinite(v) else float(v) for v in utility)
-    verdict = str(m.get("verdict", ""))
-    c = _VERDICT_COLOR.get(verdict, _NEUTRAL)
+    est, lo, hi = (math.nan if v is None or not math.isfinite(v) else float(v) for v in m.utility)
+    c = _VERDICT_COLOR.get(m.verdict, _NEUTRAL)
     tip = (
-        f"{cid} at {rung}: {_comparison_words(m)}; utility {_fmt(utility)}, "
-        f"{_VERDICT_WORDS.get(verdict, verdict)}, {len(m.get('seeds') or [])} seeds, "
-        f"{_pct(m.get('level'))}"
+        f"{cid} at {rung}: {_comparison_words(m)}; utility {fmt(*m.utility)}, "
+        f"{_VERDICT_WORDS.get(m.verdict, m.verdict)}, {len(m.seeds)} seeds, "
+        f"{_pct(m.level)}"
     )
     out = [f"<g><title>{e(tip)}</title>"]
     if not any(math.isfinite(v) for v in (est, lo, hi)):
@@ -1070,7 +1042,7 @@ def _ladder_mark(
                 f'{tip_y + back:.1f} {cx:.1f},{tip_y:.1f}" fill="{c}" class="unbounded"/>'
             )
     if math.isfinite(est):
-        fill = "white" if verdict == "open" else c
+        fill = "white" if m.verdict == "open" else c
         out.append(
             f'<circle cx="{cx:.1f}" cy="{y(est):.1f}" r="4.5" fill="{fill}" stroke="{c}" '
             'stroke-width="2"/>'
@@ -1147,10 +1119,7 @@ def _interaction_svg(result: RoundResult, metric: str) -> str:
             good = sign * eff.estimate > 0
             alpha = min(1.0, abs(eff.estimate) / scale)
             color = _GOOD if good else _BAD
-            tip = (
-                f"{ids[pair[0]]} x {ids[pair[1]]}: {eff.estimate:+.4g} "
-                f"[{eff.low:+.4g}, {eff.high:+.4g}]"
-            )
+            tip = f"{ids[pair[0]]} x {ids[pair[1]]}: {fmt(eff.estimate, eff.low, eff.high)}"
             out.append(
                 f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{color}" '
                 f'fill-opacity="{0.1 + 0.8 * alpha:.2f}" stroke="#d0d7de"><title>{e(tip)}'
@@ -1243,30 +1212,29 @@ def _pareto_svg(result: RoundResult) -> str:
 
 def _credit_section(result: RoundResult) -> str:
     e = html.escape
-    table = result.decision["credit_table"]
+    table = result.decision.credit_table
     if not table:
         return "<p class='muted'>No credit computed (see notes).</p>"
     rows = [
-        (f"{r['id']} ({r['author']})", *r[UTILITY]["shapley"], r["status"] == "accepted")
-        for r in table
+        (f"{r.id} ({r.author})", *r.metrics[UTILITY].shapley, r.status == "accepted") for r in table
     ]
     svg = _forest(
         "Shapley value for the utility (filled: accepted; hollow: shelved, had it shipped)",
         rows,
         lambda v: _GOOD if v > 0 else _BAD,
     )
-    metrics = [m for m in table[0] if m not in ("id", "author", "status")]
+    metrics = list(table[0].metrics)
     head = "".join(f"<th>{e(m)}: Shapley</th><th>Banzhaf</th>" for m in metrics)
     body = []
     for r in table:
         cells = "".join(
-            f"<td class='num'>{_fmt(r[m]['shapley'])}</td>"
-            f"<td class='num'>{_fmt(r[m]['banzhaf'])}</td>"
+            f"<td class='num'>{fmt(*r.metrics[m].shapley)}</td>"
+            f"<td class='num'>{fmt(*r.metrics[m].banzhaf)}</td>"
             for m in metrics
         )
         body.append(
-            f"<tr><td><code>{e(r['id'])}</code></td><td>{e(r['author'])}</td>"
-            f"<td class='{e(r['status'])}'>{e(r['status'])}</td>{cells}</tr>"
+            f"<tr><td><code>{e(r.id)}</code></td><td>{e(r.author)}</td>"
+            f"<td class='{e(r.status)}'>{e(r.status)}</td>{cells}</tr>"
         )
     return (
         svg

@@ -67,7 +67,6 @@ hour of training.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 import shlex
@@ -79,8 +78,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stacklab.builtin import CONTRIBUTIONS_DIR, ROUNDS_DIR
-from stacklab.errors import StacklabError
+from stacklab import builtin
+from stacklab.errors import StacklabError, describe_validation_error
 from stacklab.integrate.configs import Baseline, FileBaseline, RecipeBaseline
 from stacklab.integrate.contributions import (
     Contribution,
@@ -400,27 +399,13 @@ class Round:
         return list(dict.fromkeys(names))
 
 
-def resolve_round_path(path: str | Path) -> Path:
-    """A round file, or the bare name of a built-in round (`demo`: see `stacklab.builtin`)."""
-    file = Path(path)
-    if file.is_file():
-        return file
-    builtin = ROUNDS_DIR / f"{path}.yaml"
-    if file.suffix == "" and len(file.parts) == 1 and builtin.is_file():
-        return builtin
-    choices = sorted(p.stem for p in ROUNDS_DIR.glob("*.yaml"))
-    raise RoundError(
-        f"round file not found: {file} (built-in rounds: {', '.join(choices) or 'none'})"
-    )
-
-
 def load_round(path: str | Path, work: Path | None = None) -> Round:
     """Read, validate and resolve a round file; every error names the file and the key.
 
     `work` is the round's --out folder: a git round writes its merge objects under
     `work/git` and exports trees under `work/trees` (without it, a temporary folder).
     """
-    file = resolve_round_path(path)
+    file = builtin.resolve("round", path, error=RoundError)
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
@@ -430,7 +415,7 @@ def load_round(path: str | Path, work: Path | None = None) -> Round:
     try:
         spec = RoundSpec.model_validate(raw)
     except ValidationError as exc:
-        raise RoundError(f"{file}: {_describe(exc)}") from None
+        raise RoundError(f"{file}: {describe_validation_error(exc, RoundSpec)}") from None
 
     here = file.parent
     if spec.repo is not None:
@@ -439,7 +424,10 @@ def load_round(path: str | Path, work: Path | None = None) -> Round:
         workspace, baseline_path = _plain_workspace(spec, here, file)
     baseline = workspace.baseline
     try:
-        paths = [_contribution_path(entry, here, file) for entry in spec.contributions]
+        paths = [
+            builtin.resolve("contribution", entry, beside=here, error=ContributionError)
+            for entry in spec.contributions
+        ]
         contribs = load_contributions(paths, baseline)
     except ContributionError as exc:
         raise RoundError(f"{file}: contributions: {exc}") from None
@@ -748,46 +736,7 @@ def _code_conflicts(
 
 def _baseline_path(baseline: str, here: Path, file: Path) -> Path:
     """A file beside the round first, then a built-in recipe name."""
-    beside = here / baseline
-    if beside.is_file():
-        return beside.resolve()
-    from stacklab.recipe import resolve_recipe_path
-
     try:
-        return resolve_recipe_path(baseline).resolve()
+        return builtin.resolve("recipe", baseline, beside=here).resolve()
     except StacklabError as exc:
         raise RoundError(f"{file}: baseline: {exc}") from None
-
-
-def _contribution_path(entry: str, here: Path, file: Path) -> Path:
-    """A file or folder beside the round first, then a built-in contribution name (`muon`)."""
-    beside = here / entry
-    if beside.exists() or Path(entry).suffix or len(Path(entry).parts) > 1:
-        return beside  # load_contributions names it if it is missing
-    builtin = CONTRIBUTIONS_DIR / f"{entry}.yaml"
-    if builtin.is_file():
-        return builtin
-    choices = sorted(p.stem for p in CONTRIBUTIONS_DIR.glob("*.yaml"))
-    raise RoundError(
-        f"{file}: contributions: {entry!r} is neither a file or folder beside the round nor a "
-        f"built-in contribution ({', '.join(choices) or 'none'})"
-    )
-
-
-def _describe(exc: ValidationError) -> str:
-    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    loc = [str(part) for part in err["loc"]]
-    if loc[:1] in (["runner"], ["executor"]) and len(loc) > 1:
-        loc = [loc[0], *loc[2:]]  # drop the union tag pydantic puts in the path
-    where = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        valid = list(RoundSpec.model_fields) if len(loc) == 1 else []
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown key '{where}'{hint}"
-    if err["type"] == "missing":
-        return f"missing key '{where}'"
-    if err["type"] == "union_tag_not_found":
-        return f"key '{where}': needs a 'kind'"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"key '{where}': {msg}" if where else msg

@@ -7,10 +7,11 @@ baseline in its own format), runs the command without a shell (arguments are spl
 each is filled in, so paths with spaces stay whole) in the run's code tree (a git round) or the
 round file's folder, and reads `{out}/metrics.json`.
 
-A run is atomic: the command writes into a temporary folder that is renamed to the run's
-final folder only once its metrics are read and complete. A final folder therefore always
-holds a finished run, and a coordinator killed between the rename and recording the result
-finds it there next time instead of training again. A failed run's folder is kept beside it
+A run is atomic: the command writes into a temporary folder that is flushed to disk and
+renamed to the run's final folder (`fileio.publish_dir`) only once its metrics are read and
+complete. A final folder therefore always holds a finished run, and a coordinator killed
+between the rename and recording the result finds it there next time instead of training
+again. A failed run's folder is kept beside it
 (`KEY.failed`) with the command's logs; the failure, with the tail of its stderr, goes to the
 store and never counts as a result.
 
@@ -51,6 +52,7 @@ from typing import Any, Protocol
 import yaml
 
 from stacklab.errors import StacklabError
+from stacklab.fileio import publish_dir
 from stacklab.integrate.round import BuiltinRunner, ExternalRunner, LocalExecutor, RayExecutor
 
 STDERR_TAIL_CHARS = 2000
@@ -138,7 +140,7 @@ class CommandRunner:
                 metrics = landed
                 break
             try:
-                os.rename(tmp, final)  # never over a non-empty folder: that fails
+                publish_dir(tmp, final, replace=False)  # fails over a non-empty folder
                 break
             except FileNotFoundError:
                 error = f"its temporary folder {tmp} was removed by another process"

@@ -10,13 +10,13 @@ Why this shape:
   costs minutes and gigabytes at n = 16, while the fitted model is a quadratic in the members
   whose good regions a beam search finds in milliseconds.
 * **Pareto first, then one choice.** The Pareto front shows every trade-off no other subset
-  beats on all objectives at once; the choice then needs a stated exchange rate: utility =
-  sum_k weight_k * sign_k * delta_k / scale_k, with delta_k the predicted change from the
-  baseline and sign_k = +1 for "max", -1 for "min" objectives.
+  beats on all objectives at once; the choice then needs a stated exchange rate: the utility
+  (utility.py) of the predicted changes from the baseline, sum_k weight_k * sign_k * delta_k /
+  scale_k, with sign_k = +1 for "max", -1 for "min" objectives.
 * **Scale = one run's noise.** Unless an objective gives its own `scale`, delta_k is divided by
   the fit's residual noise sd (seed-paired, so seed-to-seed level shifts do not inflate it):
   a weight then buys "one run's worth of noise" of that metric, whatever its unit. A noise-free
-  fit has no such unit and falls back to 1 (the metric's own unit).
+  fit has no such unit and falls back to 1 (the metric's own unit; `objective_scale`).
 * **Expected utility is the fitted prediction.** Utility is linear in the deltas, so the
   point predictions give it directly; the bootstrap draws give the probabilities. Draws are
   joint within a fit, and across fits fitted on the same runs (same order) with the same
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from stacklab.errors import StacklabError
 from stacklab.integrate.effects import EffectsFit
+from stacklab.integrate.utility import objective_scale, sign, utility
 
 Direction = Literal["max", "min"]
 GuardrailKind = Literal["min_delta", "ratio"]
@@ -94,10 +95,10 @@ class Guardrail:
 
     def holds(self, delta: np.ndarray, baseline: np.ndarray) -> np.ndarray:
         """Bool, elementwise: does the guardrail hold for these deltas and baseline levels?"""
-        sign = _sign(self.direction)
+        s = sign(self.direction)
         if self.kind == "min_delta":
-            return sign * delta >= self.threshold
-        return sign * (baseline + delta - self.threshold * baseline) >= 0.0
+            return s * delta >= self.threshold
+        return s * (baseline + delta - self.threshold * baseline) >= 0.0
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def pareto_front(points: Mapping[K, Sequence[float]], directions: Sequence[Direc
         raise ValueError(f"points must each have {len(directions)} values (one per direction)")
     if not np.all(np.isfinite(v)):
         raise ValueError("pareto_front: points must be finite")
-    signed = v * np.array([_sign(d) for d in directions])
+    signed = v * np.array([sign(d) for d in directions])
     # Descending lexicographic order: anything dominating a point comes before it, and a point
     # dominated by a dominated point is dominated by a front point, so check the front only.
     order = np.lexsort(signed.T[::-1])[::-1]
@@ -210,41 +211,6 @@ def pareto_front(points: Mapping[K, Sequence[float]], directions: Sequence[Direc
         if not beaten:
             front.append(int(idx))
     return [keys[i] for i in sorted(front)]
-
-
-def objective_scale(fit: EffectsFit, objective: Objective) -> float:
-    """The unit of `objective` in the utility: its own scale, else the fit's noise sd, else 1."""
-    if objective.scale is not None:
-        return objective.scale
-    sd = fit.noise_sd
-    if math.isfinite(sd) and sd > 1e-12 * max(1.0, abs(fit.baseline)):
-        return sd
-    return 1.0
-
-
-def utility_fn(
-    fits: Mapping[str, EffectsFit],
-    objectives: Sequence[Objective],
-    scales: Mapping[str, float] | None = None,
-) -> Callable[[Iterable[int]], tuple[float, np.ndarray]]:
-    """subset -> (utility vs baseline, [draws]), e.g. to credit contributions for the utility."""
-    objectives = list(objectives)
-    if not objectives:
-        raise StacklabError("a utility needs at least one objective")
-    _check_fits(fits, [o.name for o in objectives])
-    scale = {o.name: objective_scale(fits[o.name], o) for o in objectives}
-    scale.update(scales or {})
-
-    def utility(subset: Iterable[int]) -> tuple[float, np.ndarray]:
-        subset = frozenset(subset)
-        total, draws = 0.0, np.zeros(fits[objectives[0].name].coef_draws.shape[0])
-        for o in objectives:
-            mean, d = fits[o.name].predict_delta(subset)
-            factor = o.weight * _sign(o.direction) / scale[o.name]
-            total, draws = total + factor * mean, draws + factor * d
-        return total, draws
-
-    return utility
 
 
 def choose(
@@ -275,12 +241,11 @@ def choose(
     if frozenset() not in cands:
         cands.insert(0, frozenset())
     scales = {o.name: objective_scale(fits[o.name], o) for o in objectives}
-    factors = {o.name: o.weight * _sign(o.direction) / scales[o.name] for o in objectives}
 
     m = len(cands)
     contrasts = {k: fits[k].contrasts(cands) for k in metrics}  # [m, p_k]
     deltas = {k: contrasts[k] @ fits[k].coef for k in metrics}  # [m]
-    utility = sum(factors[k] * deltas[k] for k in names)
+    expected = utility(deltas, objectives, scales)  # [m]
     estimable = np.all([fits[k].estimable_many(cands) for k in metrics], axis=0)
     prob_better = np.empty(m)
     guard_prob = np.empty(m)
@@ -288,7 +253,7 @@ def choose(
     for lo in range(0, m, chunk):
         sl = slice(lo, lo + chunk)
         draws = {k: contrasts[k][sl] @ fits[k].coef_draws.T for k in metrics}  # [c, D]
-        u = sum(factors[k] * draws[k] for k in names)
+        u = utility(draws, objectives, scales)  # [c, D]
         prob_better[sl] = np.mean(u > 0.0, axis=1)
         ok = np.ones_like(u, dtype=bool)
         for g in guardrails:
@@ -304,12 +269,12 @@ def choose(
     on_front = set(front)
     best = min(
         (r for r in range(m) if feasible[r]),
-        key=lambda r: (-utility[r], len(cands[r]), sorted(cands[r])),
+        key=lambda r: (-expected[r], len(cands[r]), sorted(cands[r])),
     )
     table = [
         Candidate(
             subset=c,
-            expected_utility=float(utility[r]),
+            expected_utility=float(expected[r]),
             prob_better=float(prob_better[r]),
             guardrail_prob=float(guard_prob[r]),
             deltas={k: float(deltas[k][r]) for k in metrics},
@@ -423,10 +388,6 @@ def search_candidates(
     return sorted(out, key=lambda s: (len(s), sorted(s)))
 
 
-def _sign(direction: Direction) -> float:
-    return 1.0 if direction == "max" else -1.0
-
-
 def _check_direction(direction: str, what: str) -> None:
     if direction not in ("max", "min"):
         raise StacklabError(f"{what}: direction must be 'max' or 'min', got {direction!r}")
@@ -470,10 +431,8 @@ class _PointModel:
             )
             for m in metrics
         }
-        self.factors = {
-            o.name: o.weight * _sign(o.direction) / objective_scale(fits[o.name], o)
-            for o in objectives
-        }
+        self.objectives = objectives
+        self.scales = {o.name: objective_scale(fits[o.name], o) for o in objectives}
 
     def contrasts(self, metric: str, member: np.ndarray) -> np.ndarray:
         first, last = self.terms[metric]
@@ -482,11 +441,11 @@ class _PointModel:
     def score(self, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Utility [m] and "every guardrail holds" [m], both on point estimates."""
         delta = {k: self.contrasts(k, member) @ self.fits[k].coef for k in self.terms}
-        utility = sum(f * delta[k] for k, f in self.factors.items())
+        expected = utility(delta, self.objectives, self.scales)
         ok = np.ones(member.shape[0], dtype=bool)
         for g in self.guardrails:
             ok &= g.holds(delta[g.metric], np.full(member.shape[0], self.fits[g.metric].baseline))
-        return np.asarray(utility, dtype=float), ok
+        return np.asarray(expected, dtype=float), ok
 
     def guardrail_prob(self, member: np.ndarray) -> np.ndarray:
         """Share of draws in which every guardrail holds [m], as `choose` computes it."""

@@ -69,9 +69,29 @@ class Interval:
         return fmt(self.estimate, self.low, self.high)
 
 
-def fmt(estimate: float, low: float, high: float) -> str:
-    """`+0.123 [+0.045, +0.2]`: the one way intervals are printed."""
-    return f"{estimate:+.3g} [{low:+.3g}, {high:+.3g}]"
+def fmt(estimate: float | None, low: float | None, high: float | None) -> str:
+    """`+0.123 [+0.045, +0.2]`: the one way an estimate and its interval are printed, in the
+    reasons of decision.json and in the reports alike.
+
+    An unbounded end prints as -inf or +inf, also when it comes as null from decision.json
+    (JSON has no infinity); an unknown number (NaN, or a null estimate) as n/a, and an
+    interval with no finite number at all as plain `n/a`. Float dust, a number a billion
+    times smaller than the largest one shown (sums of float terms leave 1e-17 where the exact
+    value is 0), prints as 0.
+    """
+    values = (estimate, -math.inf if low is None else low, math.inf if high is None else high)
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    tol = 1e-9 * max(finite)
+
+    def one(v: float | None) -> str:
+        if v is None or math.isnan(v):
+            return "n/a"
+        return f"{0.0 if abs(v) <= tol else v:+.3g}"
+
+    est, lo, hi = (one(v) for v in values)
+    return f"{est} [{lo}, {hi}]"
 
 
 def t_interval(mean: float, se: float, df: float, level: float, n: int) -> Interval:

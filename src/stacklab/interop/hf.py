@@ -29,7 +29,7 @@ Tensors (ours → theirs; `p` is gate_proj, up_proj or down_proj):
 
 Experts are written one tensor per expert, the layout of every published MoE checkpoint:
 `transformers` 5 fuses them into 3-D `experts.gate_up_proj` / `experts.down_proj` on load and
-splits them again on save. Settings (ModelConfig → config.json): depth → num_hidden_layers,
+splits them again on save. Settings (TransformerConfig → config.json): depth → num_hidden_layers,
 d_model → hidden_size, n_heads / n_kv_heads / head_dim → num_attention_heads /
 num_key_value_heads / head_dim, ffn_hidden → intermediate_size (also the dense layers of an
 MoE model), max_seq_len → max_position_embeddings, rope_theta → rope_parameters (default
@@ -41,15 +41,16 @@ n_shared_experts (its shared MLP is n × moe_intermediate_size wide, as ours), a
 routed_scaling_factor, with n_group = topk_group = 1.
 
 Writing config.json needs `transformers` (its config classes know the current file format);
-importing needs only the JSON and safetensors files.
+importing needs only the JSON and safetensors files. Both directions speak the model's own
+`TransformerConfig`; an imported config.json is validated as a recipe `model` section, so a
+model stacklab cannot build is refused with the field that prevents it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from stacklab.data.tokenizer import EOT_ID, HF_CONFIG_FILE, PAD_ID, TOKENIZER_FILE
-from stacklab.errors import StacklabError
+from stacklab.errors import StacklabError, describe_validation_error
+from stacklab.fileio import staging_dir
+from stacklab.model.config import TransformerConfig
 from stacklab.recipe import ModelConfig
 
 QWEN3 = "Qwen3ForCausalLM"
@@ -83,7 +86,7 @@ _SHARED = {f"mlp.shared.{p}.weight": f"mlp.shared_experts.{p}.weight" for p in _
 _ROUTER = {"mlp.router.weight": "mlp.gate.weight"}
 _SELECTION_BIAS = {"mlp.expert_bias": "mlp.gate.e_score_correction_bias"}
 
-# ModelConfig fields this module translates; the rest only shape training (aspect only
+# TransformerConfig fields this module translates; the rest only shape training (aspect only
 # through d_model, which dims() resolves). A field added later with a non-default value is
 # refused rather than silently dropped.
 _MODEL_FIELDS = {
@@ -102,7 +105,7 @@ _GLM_HAS = "it has no such setting (GLM-4-MoE, for model.moe.router=sigmoid, has
 # --------------------------------------------------------------------------- export
 
 
-def hf_architecture(cfg: ModelConfig) -> str:
+def hf_architecture(cfg: TransformerConfig) -> str:
     """The Hugging Face class that computes exactly what `cfg` does, or a StacklabError."""
     _check_known_fields(cfg)
     moe = cfg.moe
@@ -121,7 +124,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return arch
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int) -> tuple[str, dict[str, Any]]:
+def hf_config(cfg: TransformerConfig, vocab_size: int) -> tuple[str, dict[str, Any]]:
     """The architecture and the keyword arguments of its `transformers` config class."""
     arch = hf_architecture(cfg)
     d, moe = cfg.dims(), cfg.moe
@@ -172,7 +175,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> tuple[str, dict[str, Any]]:
     return arch, fields
 
 
-def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_hf_state_dict(cfg: TransformerConfig, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our tensors under Hugging Face names, experts split one tensor per expert."""
     arch = hf_architecture(cfg)
     ours = dict(state_dict)
@@ -209,7 +212,7 @@ def to_hf_state_dict(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[st
 
 
 def export_hf(
-    cfg: ModelConfig,
+    cfg: TransformerConfig,
     vocab_size: int,
     state_dict: dict[str, Tensor],
     tokenizer_dir: Path,
@@ -240,26 +243,20 @@ def export_hf(
     config.architectures = [arch]
     generation = transformers.GenerationConfig(eos_token_id=EOT_ID, pad_token_id=PAD_ID)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staging_dir(out, replace=False) as tmp:
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         for name in (TOKENIZER_FILE, HF_CONFIG_FILE):
             shutil.copyfile(tokenizer_dir / name, tmp / name)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 # --------------------------------------------------------------------------- import
 
 
-def from_hf_config(hf: dict[str, Any]) -> tuple[str, ModelConfig, int]:
-    """The architecture, our ModelConfig and the vocabulary size of a config.json's contents."""
+def from_hf_config(hf: dict[str, Any]) -> tuple[str, TransformerConfig, int]:
+    """The architecture, our model config and the vocabulary size of a config.json's contents."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise StacklabError(
@@ -318,18 +315,15 @@ def from_hf_config(hf: dict[str, Any]) -> tuple[str, ModelConfig, int]:
             **_moe_sizes(hf, norm_topk_default=True),
         }
     try:
-        cfg = ModelConfig(**model)
+        cfg = ModelConfig(**model).build()
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(part) for part in err["loc"]) or "model"
-        raise StacklabError(
-            f"config.json describes a model stacklab cannot build: {field}: {err['msg']}"
-        ) from None
+        why = describe_validation_error(exc, ModelConfig)
+        raise StacklabError(f"config.json describes a model stacklab cannot build: {why}") from None
     return arch, cfg, _field(hf, "vocab_size")
 
 
 def from_hf_state_dict(
-    cfg: ModelConfig, arch: str, tensors: dict[str, Tensor], num_mtp_layers: int = 0
+    cfg: TransformerConfig, arch: str, tensors: dict[str, Tensor], num_mtp_layers: int = 0
 ) -> dict[str, Tensor]:
     """Hugging Face tensors under our names: the inverse of `to_hf_state_dict`.
 
@@ -364,7 +358,7 @@ def from_hf_state_dict(
     return ours
 
 
-def import_hf(hf_dir: Path) -> tuple[ModelConfig, int, dict[str, Tensor], Path | None]:
+def import_hf(hf_dir: Path) -> tuple[TransformerConfig, int, dict[str, Tensor], Path | None]:
     """Read a Qwen3 / Qwen3-MoE / GLM-4-MoE folder: (config, vocab size, state dict, tokenizer).
 
     The state dict has our names (tied models without lm_head.weight) and the stored dtype;
@@ -388,7 +382,7 @@ def import_hf(hf_dir: Path) -> tuple[ModelConfig, int, dict[str, Tensor], Path |
 # --------------------------------------------------------------------------- helpers
 
 
-def _names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
+def _names(cfg: TransformerConfig, arch: str) -> list[tuple[str, str]]:
     """(our name, Hugging Face name) of every tensor except the routed experts."""
     moe_layers = set(_moe_layers(cfg))
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
@@ -406,7 +400,7 @@ def _names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _moe_layers(cfg: ModelConfig) -> list[int]:
+def _moe_layers(cfg: TransformerConfig) -> list[int]:
     return list(range(cfg.moe.first_k_dense, cfg.depth)) if cfg.moe.enabled else []
 
 
@@ -424,12 +418,13 @@ def _take(tensors: dict[str, Tensor], name: str, where: str) -> Tensor:
     return tensors.pop(name)
 
 
-def _check_known_fields(cfg: ModelConfig) -> None:
-    for section, known in ((cfg, _MODEL_FIELDS), (cfg.moe, _MOE_FIELDS)):
-        prefix = "model." if section is cfg else "model.moe."
-        for name, field in type(section).model_fields.items():
-            value = getattr(section, name)
-            if name not in known and value != field.get_default(call_default_factory=True):
+def _check_known_fields(cfg: TransformerConfig) -> None:
+    sections = (("model.", cfg, _MODEL_FIELDS), ("model.moe.", cfg.moe, _MOE_FIELDS))
+    for prefix, section, known in sections:
+        default = type(section)()
+        for field in dataclasses.fields(section):
+            name, value = field.name, getattr(section, field.name)
+            if name not in known and value != getattr(default, name):
                 raise StacklabError(
                     f"cannot export: {prefix}{name}={value!r} has no Hugging Face counterpart "
                     "that stacklab.interop.hf knows"

@@ -25,7 +25,9 @@ where the build has them (the layout `torch.compile`'s CPU freezing uses), RoPE 
 at once, keys and values written straight into the pre-allocated cache, and a key mask that
 is a view of the padding mask (a single query needs no causal mask). On float32 it gives
 bit-identical logits here (pinned by tests/test_fastpaths_sample.py); a model it does not
-recognise, or one with forward hooks, takes the general forward.
+recognise, or one with forward hooks, takes the general forward. It is a second forward
+pass, so a model feature must be written into both: the same test file decodes every field
+of the model's config (a new field fails until it is listed) through both paths.
 
 Sampling (`sample_next`) is a pure function of the logits: greedy at temperature 0, otherwise
 softmax(logits / temperature) restricted by top-k and then top-p (nucleus; Holtzman et al.
@@ -354,7 +356,7 @@ def generate(
         cache = model.new_cache(batch, max_len=fed)
         # Only the last position's logits are used: skip the head's matmul for the others.
         out = model(
-            ids, cache=cache, positions=positions, key_mask=key_mask[:, :longest], last_only=True
+            ids, cache=cache, positions=positions, key_mask=key_mask[:, :longest], logits="last"
         )
         logits = out.logits[:, -1]  # [B, V]
         position = positions[:, -1:]  # [B, 1]

@@ -12,12 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Training fast paths (one matmul for the attention projections, the output head fused with
-# the cross-entropy). They compute what the plain path computes, up to float rounding; tests
-# flip this switch to compare the two (tests/test_fastpaths_train.py).
-FAST_PATHS = True
-LOGITS_CHUNK_ELEMENTS = 1 << 21  # logits per chunk of the fused head + loss: 8 MB in float32
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale; computed in float32 for stability."""
@@ -34,15 +28,15 @@ class RMSNorm(nn.Module):
 
 
 def fused_linear(x: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
-    """`F.linear(x, w)` for each of `weights` (no bias), as one matmul when FAST_PATHS.
+    """`F.linear(x, w)` for each of `weights` (no bias), as one matmul.
 
     The weights stay separate parameters (the state dict, Hugging Face export and per-matrix
     optimizers such as Muon see them unchanged); they are concatenated for the product, and
     autograd splits the gradient back. One larger product keeps the matmul kernel busier
     than several thin ones and reads `x` once.
     """
-    if not FAST_PATHS or len(weights) == 1:
-        return tuple(F.linear(x, w) for w in weights)
+    if len(weights) == 1:
+        return (F.linear(x, weights[0]),)
     out = F.linear(x, torch.cat(weights))
     return out.split([w.shape[0] for w in weights], dim=-1)
 
@@ -124,16 +118,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, chunk_elements: int | None
+) -> Tensor:
     """`F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-100)` without logits.
 
-    x [N, D], weight [V, D], targets [N]. With gradients enabled, autocast off and FAST_PATHS
-    this is the chunked fused path (`_LinearCrossEntropy`); otherwise the plain computation.
+    x [N, D], weight [V, D], targets [N]. With gradients enabled, autocast off and a
+    `chunk_elements` (logits per chunk) this is the chunked fused path (`_LinearCrossEntropy`);
+    otherwise, and always with `chunk_elements=None`, the plain computation.
     """
-    fused = FAST_PATHS and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    fused = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     # Under autocast the plain path keeps autocast's casts (bf16 matmul, float32 loss).
-    if fused and not torch.is_autocast_enabled(x.device.type):
-        chunk = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    if chunk_elements is not None and fused and not torch.is_autocast_enabled(x.device.type):
+        chunk = max(1, chunk_elements // weight.shape[0])
         return _LinearCrossEntropy.apply(x, weight, targets, chunk)
     logits = F.linear(x, weight).float()
     return F.cross_entropy(logits, targets, ignore_index=-100)

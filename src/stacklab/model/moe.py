@@ -40,11 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stacklab.model import layers
+from stacklab.model.config import FastPaths, MoEConfig
 from stacklab.model.layers import MLP
-from stacklab.recipe import MoEConfig
 
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # this torch has it (the device may still not)
 SIGMOID_NORM_EPS = 1e-20  # what DeepSeek-V3 / GLM-4-MoE add to the top-k sum before dividing
 
 
@@ -95,19 +94,23 @@ def run_experts(
     gate_proj: Tensor,
     up_proj: Tensor,
     down_proj: Tensor,
+    *,
+    fused: bool = True,
+    grouped_mm: bool = True,
 ) -> Tensor:
     """Σ_k weight_k · expert_k(x) for tokens x [N, D], with SwiGLU experts.
 
     gate_proj/up_proj [E, F, D], down_proj [E, D, F]; weights/experts [N, k]; counts [E].
+    `fused` and `grouped_mm` are the `FastPaths` options of the same names.
     """
     num_tokens, top_k = experts.shape
     order = experts.flatten().argsort(stable=True)  # [N*k] assignments grouped by expert
     token = order // top_k  # [N*k] the token of each sorted assignment
     rows = x[token]  # [N*k, D] contiguous per expert
-    linear = _grouped_linear(rows, counts, hidden=gate_proj.shape[1])
+    linear = _grouped_linear(rows, counts, gate_proj.shape[1], grouped_mm)
     hidden = F.silu(linear(rows, gate_proj)) * linear(rows, up_proj)  # [N*k, F]
     weight = weights.flatten()[order, None]  # [N*k, 1] float32
-    if layers.FAST_PATHS:
+    if fused:
         # down_proj is linear, so weighting its input is the same sum up to rounding, on the
         # narrower [N*k, F] rows (F < D in fine-grained MoE): less work, a smaller saved tensor.
         out = linear((hidden * weight).to(hidden.dtype), down_proj).to(x.dtype)
@@ -118,9 +121,12 @@ def run_experts(
 
 
 def _grouped_linear(
-    rows: Tensor, counts: Tensor, hidden: int
+    rows: Tensor, counts: Tensor, hidden: int, grouped: bool
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """A function `(a [M, in], w [E, out, in]) -> [M, out]` applying w[e] to expert e's slice."""
+    """A function `(a [M, in], w [E, out, in]) -> [M, out]` applying w[e] to expert e's slice.
+
+    One grouped matmul where `grouped` allows it and it can run, else a loop over slices.
+    """
     device = rows.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
     # grouped_mm runs on CPU (float32 too) and on Ampere+ GPUs in bf16, and needs every row
@@ -130,7 +136,7 @@ def _grouped_linear(
         on_gpu and torch.cuda.get_device_capability(rows.device) >= (8, 0)
     )
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (rows.shape[-1], hidden))
-    if HAS_GROUPED_MM and supported and aligned:
+    if grouped and HAS_GROUPED_MM and supported and aligned:
         offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's slice
         # Under torch.compile the aten op's shape function accepts bf16 only (the CUDA kernel's
         # rule), so other dtypes go through the custom op below; eager keeps the aten op.
@@ -193,9 +199,16 @@ class MoE(nn.Module):
     `broadcast_buffers=False`, or rank 0's counts overwrite the others' at each forward.)
     """
 
-    def __init__(self, d_model: int, expert_hidden: int, cfg: MoEConfig, init_std: float):
+    def __init__(
+        self,
+        d_model: int,
+        expert_hidden: int,
+        cfg: MoEConfig,
+        init_std: float,
+        fast: FastPaths | None = None,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.fast = cfg, fast or FastPaths()
         n, f = cfg.num_experts, expert_hidden
         self.router = nn.Linear(d_model, n, bias=False)
         self.gate_proj = nn.Parameter(torch.empty(n, f, d_model))
@@ -226,7 +239,17 @@ class MoE(nn.Module):
                 self.aux_loss = self.cfg.aux_loss_coef * load_balance_loss(
                     scores, counts, self.cfg.router
                 ) + self.cfg.z_loss_coef * router_z_loss(logits)
-        y = run_experts(x, weights, experts, counts, self.gate_proj, self.up_proj, self.down_proj)
+        y = run_experts(
+            x,
+            weights,
+            experts,
+            counts,
+            self.gate_proj,
+            self.up_proj,
+            self.down_proj,
+            fused=self.fast.fused,
+            grouped_mm=self.fast.grouped_mm,
+        )
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)

@@ -7,19 +7,25 @@ Hugging Face `transformers` and gives the same logits (see `stacklab.interop.hf`
 
 One forward serves training (full causal sequences, the `is_causal` fast path), prefill and
 incremental decoding with a pre-allocated KV cache, and left-padded batches of prompts of
-different lengths (`key_mask` and per-row `positions`).
+different lengths (`key_mask` and per-row `positions`). Its one output option, `logits`,
+says where the output head runs (every position, the last one, a mask of positions, or
+nowhere: the loss only), since the head is the largest matmul of a small model and most
+callers need only part of it; a request that cannot be honoured is an error, never ignored.
+The model reads its own `TransformerConfig` (`model/config.py`), never the recipe.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from stacklab.model.config import FastPaths, ModelDims, TransformerConfig
 from stacklab.model.layers import (
     MLP,
     RMSNorm,
@@ -29,13 +35,17 @@ from stacklab.model.layers import (
     rope_tables,
 )
 from stacklab.model.moe import MoE
-from stacklab.recipe import ModelConfig, ModelDims
+
+# Where the output head runs: every position ("all", [B, T, V]), the last one ("last",
+# [B, 1, V]), the True positions of a bool mask [B, T] ([N, V]), or nowhere (None: the loss
+# only, with the head fused into it).
+LogitsAt: TypeAlias = Literal["all", "last"] | Tensor | None
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor | None  # [B, T, V]; None when the forward was asked for the loss only
-    loss: Tensor | None  # mean cross-entropy over targets != -100
+    logits: Tensor | None  # as `logits` asked: [B, T, V], [B, 1, V], [N, V], or None
+    loss: Tensor | None  # mean cross-entropy over targets != -100; None without targets
     aux_loss: Tensor  # MoE load-balancing terms, 0 for dense models
 
 
@@ -62,9 +72,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ModelDims) -> None:
+    def __init__(self, cfg: TransformerConfig, dims: ModelDims, fast: FastPaths) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
+        self.fused = fast.fused
         d = dims.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
@@ -85,7 +96,10 @@ class Attention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        if self.fused:
+            q, k, v = fused_linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -101,15 +115,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: int) -> None:
+    def __init__(
+        self, cfg: TransformerConfig, dims: ModelDims, layer: int, fast: FastPaths
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dims.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, dims)
+        self.attn = Attention(cfg, dims, fast)
         self.mlp_norm = RMSNorm(dims.d_model, cfg.norm_eps)
         moe = cfg.moe
         self.mlp: MLP | MoE
         if moe.enabled and layer >= moe.first_k_dense:
-            self.mlp = MoE(dims.d_model, dims.expert_hidden, moe, cfg.init_std)
+            self.mlp = MoE(dims.d_model, dims.expert_hidden, moe, cfg.init_std, fast)
         else:
             self.mlp = MLP(dims.d_model, dims.ffn_hidden)
 
@@ -127,12 +143,24 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    """The model of `cfg` over `vocab_size` tokens, computing with the `fast` paths."""
+
+    def __init__(
+        self, cfg: TransformerConfig, vocab_size: int, fast: FastPaths | None = None
+    ) -> None:
         super().__init__()
-        self.cfg, self.dims, self.vocab_size = cfg, cfg.dims(), vocab_size
+        if not isinstance(cfg, TransformerConfig):
+            raise TypeError(
+                f"Transformer needs a TransformerConfig, got {type(cfg).__name__} "
+                "(a recipe's model section builds one: recipe.model.build())"
+            )
+        fast = fast or FastPaths()
+        self.cfg, self.dims, self.vocab_size, self.fast = cfg, cfg.dims(), vocab_size, fast
         d = self.dims.d_model
         self.embed = nn.Embedding(vocab_size, d)
-        self.layers = nn.ModuleList(Block(cfg, self.dims, i) for i in range(self.dims.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, self.dims, i, fast) for i in range(self.dims.n_layers)
+        )
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -168,10 +196,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,  # [B, T]; default: cache.length + arange(T)
         key_mask: Tensor | None = None,  # [B, S] bool, S = cached + T; False = padding
-        last_only: bool = False,  # logits of the last position only ([B, 1, V]): for decoding
-        logits_mask: Tensor | None = None,  # [B, T] bool: logits of these positions only, [N, V]
-        return_logits: bool = True,  # False (with targets): loss only, head fused with the loss
+        logits: LogitsAt = "all",
     ) -> ModelOutput:
+        """Run the model; `logits` says where the output head runs (see `LogitsAt`).
+
+        * `"all"`: logits at every position, [B, T, V]; with `targets`, also their loss.
+        * `"last"`: the last position's only, [B, 1, V] (decoding: prefill and each step).
+        * a bool mask [B, T]: the True positions' only, [N, V] (RL and lm-eval score only
+          some tokens).
+        * `None`: no logits, only the loss of `targets`, the head fused with the
+          cross-entropy so the [B, T, V] logits never exist at once (training).
+
+        `targets` are scored at every position, so they go with `"all"` or `None` only.
+        """
+        _check_logits_request(targets, logits)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
@@ -191,24 +229,26 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        if logits_mask is not None:  # RL scores only sampled tokens: skip the head elsewhere
-            x = x[logits_mask]
-        elif last_only:
-            x = x[:, -1:]
-        if targets is not None and not return_logits and logits_mask is None and not last_only:
+        if logits is None:
+            assert targets is not None  # _check_logits_request
             # Training: the [B, T, V] logits are never materialised (layers.linear_cross_entropy).
             h = self.norm(x)
+            chunk = self.fast.logits_chunk_elements if self.fast.fused else None
             loss = linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1)
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), chunk
             )
             return ModelOutput(logits=None, loss=loss, aux_loss=self._aux_loss(x))
-        logits = self.lm_head(self.norm(x))
+        if isinstance(logits, Tensor):  # e.g. RL scores only sampled tokens: no head elsewhere
+            x = x[logits]
+        elif logits == "last":
+            x = x[:, -1:]
+        out = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+                out.float().view(-1, out.shape[-1]), targets.reshape(-1), ignore_index=-100
             )
-        return ModelOutput(logits=logits, loss=loss, aux_loss=self._aux_loss(x))
+        return ModelOutput(logits=out, loss=loss, aux_loss=self._aux_loss(x))
 
     @staticmethod
     def _mask(
@@ -285,5 +325,23 @@ def _checkpointed(
     return checkpoint(run, x, cos, sin, mask, use_reentrant=False)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> Transformer:
-    return Transformer(cfg, vocab_size)
+def _check_logits_request(targets: Tensor | None, logits: LogitsAt) -> None:
+    """Refuse a `forward` request that could not be honoured as asked."""
+    if isinstance(logits, Tensor):
+        if logits.dtype != torch.bool:
+            raise ValueError(f"a logits mask must be bool, got {logits.dtype}")
+    elif logits not in ("all", "last", None):
+        raise ValueError(f"logits must be 'all', 'last', a bool mask or None, got {logits!r}")
+    elif logits is None and targets is None:
+        raise ValueError("logits=None asks for the loss only, which needs targets")
+    scored_everywhere = logits is None or (isinstance(logits, str) and logits == "all")
+    if targets is not None and not scored_everywhere:
+        raise ValueError(
+            "targets are scored at every position: use logits='all', or None for the loss only"
+        )
+
+
+def build_model(
+    cfg: TransformerConfig, vocab_size: int, fast: FastPaths | None = None
+) -> Transformer:
+    return Transformer(cfg, vocab_size, fast)

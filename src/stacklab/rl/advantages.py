@@ -53,11 +53,6 @@ def informative_groups(rewards: Tensor) -> Tensor:
     return rewards.amax(dim=1) != rewards.amin(dim=1)
 
 
-def dropped_fraction(informative: Tensor) -> float:
-    """Share of groups the `informative_groups` mask drops, for logging."""
-    return 1.0 - informative.float().mean().item()
-
-
 def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, penalty: float = 1.0) -> Tensor:
     """DAPO's soft overlong punishment, added to the reward of each answer of `lengths` [B].
 

@@ -21,12 +21,15 @@ One step:
    model. Only sampled tokens are in the mask: prompts, tool responses and padding never
    enter the loss.
 
-Everything a step draws (tasks, the sampler's generator, the minibatch order) is seeded by
-(seed, step), so a checkpoint needs only weights, optimizer and scheduler, and a run killed
-between checkpoints resumes bit-exactly, rollouts included (`tests/test_resume_kill.py`).
-Per-step records go to `metrics.jsonl`: reward, accuracy per env, response length, entropy,
-KL, clip fraction, the dropped and uninformative group fractions, turns, tool calls, and where
-the time went (sampling vs update).
+The loop around the steps (resume, NaN guard, log, MoE balance, checkpoints) is the
+`Trainer`'s (`train/trainer.py`); `RLModule` is RL's step, and its minibatch updates go
+through the trainer's `OptimizerStep`. Everything a step draws (tasks, the sampler's
+generator, the minibatch order) is seeded by (seed, step), so a checkpoint needs only
+weights, optimizer and scheduler, and a run killed between checkpoints resumes bit-exactly,
+rollouts included (`tests/test_resume_kill.py`). Every step is logged to `metrics.jsonl`:
+reward, accuracy per env, response length, entropy, KL, clip fraction, the dropped and
+uninformative group fractions, turns, tool calls, and where the time went (sampling vs
+update).
 """
 
 from __future__ import annotations
@@ -54,25 +57,17 @@ from stacklab.envs.tasks_env import TaskEnv
 from stacklab.errors import StacklabError
 from stacklab.model.transformer import Transformer
 from stacklab.pipeline import Metrics, Stage, StageContext
-from stacklab.progress import progress_bar
 from stacklab.recipe import OptimConfig, Recipe, RLConfig
 from stacklab.rl.advantages import group_advantages, informative_groups, overlong_penalty
 from stacklab.rl.losses import LOSSES, kl_k3
-from stacklab.train.checkpoint import (
-    final_model_dir,
-    load_model,
-    resume_fine_tuning,
-    save_fine_tuning,
-    seed_everything,
-    write_model,
-)
+from stacklab.train import distributed as D
+from stacklab.train.checkpoint import final_model_dir, load_model, seed_everything
 from stacklab.train.optim import build_optimizer
-from stacklab.train.pretrain import MetricsLog, clip_gradients, deterministic, read_metrics
 from stacklab.train.schedule import build_scheduler
+from stacklab.train.trainer import OptimizerStep, Trainer, TrainModule, TrainRun, mean_of
 
 POOL_SIZE = 2000  # training tasks per environment that steps sample from
 CISPO_EPS_HIGH = 0.28  # our default upper bound of CISPO's weight when the recipe sets none
-FINAL_LOGS = 5  # rl/final_reward: mean over the last this-many steps
 
 
 # --------------------------------------------------------------------------- environments
@@ -137,7 +132,7 @@ def share(total: int, weights: list[float]) -> list[int]:
 
 
 @dataclass
-class Batch:
+class RolloutBatch:
     """Episodes of informative and dropped groups, flattened, with their group advantages."""
 
     episodes: list[Episode]
@@ -156,7 +151,7 @@ def collect(
     cfg: RLConfig,
     seed: int,
     step: int,
-) -> tuple[Batch, dict[str, list[Episode]]]:
+) -> tuple[RolloutBatch, dict[str, list[Episode]]]:
     """Roll out one step's groups; return the training batch and every episode by env."""
     by_env: dict[str, list[Episode]] = defaultdict(list)
     kept_eps: list[Episode] = []
@@ -164,6 +159,7 @@ def collect(
     kept_rewards: list[Tensor] = []
     sampled = dropped = uninformative = 0
     max_len = min(cfg.max_turns * cfg.max_new_tokens, cfg.token_budget)
+    device = model.embed.weight.device  # the sampler's generator lives there
     for i, (source, n_prompts) in enumerate(
         zip(sources, share(cfg.prompts_per_step, [s.weight for s in sources]), strict=True)
     ):
@@ -175,7 +171,7 @@ def collect(
             tasks = rng.sample(source.tasks, min(n_prompts - have, len(source.tasks)))
             group_tasks = [t for t in tasks for _ in range(cfg.group_size)]
             envs = [source.new_env() for _ in group_tasks]
-            generator = torch.Generator().manual_seed(rng.getrandbits(62))
+            generator = torch.Generator(device).manual_seed(rng.getrandbits(62))
             episodes = rollout(
                 model,
                 tokenizer,
@@ -214,7 +210,7 @@ def collect(
         flat = rewards.flatten()
     else:
         advantages = flat = torch.zeros(0)
-    batch = Batch(kept_eps, kept_names, advantages, flat, sampled, dropped, uninformative)
+    batch = RolloutBatch(kept_eps, kept_names, advantages, flat, sampled, dropped, uninformative)
     return batch, by_env
 
 
@@ -244,12 +240,12 @@ def token_logprobs(
     the output head and the softmax over the vocabulary then run on sampled tokens only."""
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
-    out = model(inputs, logits_mask=mask)
+    out = model(inputs, logits=mask)
     logp_all = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [N, V]
     picked = logp_all.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     entropy_n = -(logp_all.exp() * logp_all).sum(-1)
-    logp = torch.zeros(targets.shape, dtype=picked.dtype).masked_scatter(mask, picked)
-    entropy = torch.zeros(targets.shape, dtype=entropy_n.dtype).masked_scatter(
+    logp = targets.new_zeros(targets.shape, dtype=picked.dtype).masked_scatter(mask, picked)
+    entropy = targets.new_zeros(targets.shape, dtype=entropy_n.dtype).masked_scatter(
         mask, entropy_n.detach()
     )
     return logp, entropy, out.aux_loss
@@ -276,15 +272,17 @@ def loss_kwargs(cfg: RLConfig) -> dict[str, Any]:
 def update(
     model: Transformer,
     ref: Transformer | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    batch: Batch,
+    optimizer_step: OptimizerStep,
+    batch: RolloutBatch,
     cfg: RLConfig,
     seed: int,
     step: int,
 ) -> dict[str, float]:
-    """`epochs` passes of minibatch steps on the batch; the mean of each logged statistic."""
-    inputs, targets, mask, sampler_logp = pad_episodes(batch.episodes)
+    """`epochs` passes of minibatch updates (`optimizer_step`) on the batch; the mean of each
+    logged statistic."""
+    device = model.embed.weight.device
+    inputs, targets, mask, sampler_logp = (t.to(device) for t in pad_episodes(batch.episodes))
+    advantages = batch.advantages.to(device)
     model.eval()  # no dropout exists, but be explicit: the old policy is scored as it sampled
     with torch.no_grad():
         old_logp, entropy, _ = token_logprobs(model, inputs, targets, cfg.temperature, mask)
@@ -307,7 +305,7 @@ def update(
             mb = (inputs[idx, :width], targets[idx, :width], mask[idx, :width])
             logp, _, aux = token_logprobs(model, mb[0], mb[1], cfg.temperature, mb[2])
             loss, loss_stats = loss_fn(
-                logp, old_logp[idx, :width], batch.advantages[idx], mb[2], **kwargs
+                logp, old_logp[idx, :width], advantages[idx], mb[2], **kwargs
             )
             total = loss + aux
             if ref_logp is not None:
@@ -315,24 +313,15 @@ def update(
                 total = total + cfg.kl_coef * kl
                 stats["kl_ref"].append(kl.item())
             total.backward()
-            stats["grad_norm"].append(float(clip_gradients(model, cfg.grad_clip)))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"].append(float(optimizer_step(total)))
             stats["loss"].append(loss.item())
             stats["kl_old"].append(float(kl_k3(logp.detach(), old_logp[idx, :width], mb[2])))
             for key, value in loss_stats.items():
                 stats[key].append(float(value))
-            if not torch.isfinite(total):
-                raise StacklabError(
-                    f"rl diverged: the loss is not finite at step {step} (lower rl.lr)"
-                )
-    for moe in model.moe_layers():
-        moe.update_bias()
     return {key: sum(v) / len(v) for key, v in stats.items()}
 
 
-def episode_stats(batch: Batch, by_env: dict[str, list[Episode]]) -> dict[str, float]:
+def episode_stats(batch: RolloutBatch, by_env: dict[str, list[Episode]]) -> dict[str, float]:
     """Reward, accuracy per env, lengths, turns and tool calls of one step's rollouts."""
     every = [ep for eps in by_env.values() for ep in eps]
     record: dict[str, float] = {
@@ -367,73 +356,96 @@ def rl_optim(cfg: RLConfig) -> OptimConfig:
 def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Metrics:
     """RL from the model in `base`; checkpoints, `metrics.jsonl` and `final/` in `work_dir`."""
     cfg = recipe.rl
+    world = D.single_process("rl")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(base)
+    model = load_model(base).to(world.device)
     if cfg.token_budget > model.cfg.max_seq_len:
         raise StacklabError(
             f"rl.token_budget ({cfg.token_budget}) exceeds model.max_seq_len "
             f"({model.cfg.max_seq_len})"
         )
-    ref = load_model(base).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    ref = None
+    if cfg.kl_coef > 0:
+        ref = load_model(base).to(world.device).eval().requires_grad_(False)
     sources = task_sources(recipe)
     seed_everything(recipe.seed)  # the random states checkpoints save: the same in every process
     optim_cfg = rl_optim(cfg)
     optimizer = build_optimizer(model, optim_cfg)
     updates_per_step = cfg.epochs * -(-cfg.prompts_per_step * cfg.group_size // cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.steps * updates_per_step, optim_cfg)
-    ckpt_root = work_dir / "checkpoints"
-    step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
-    start = time.perf_counter()
-    with progress_bar() as bar, MetricsLog(work_dir, step, True, "rl", recipe) as log:
-        task = bar.add_task("rl", total=cfg.steps, completed=step)
-        while step < cfg.steps:
-            step += 1
-            t0 = time.perf_counter()
-            batch, by_env = collect(model, tokenizer, sources, cfg, recipe.seed, step)
-            t1 = time.perf_counter()
-            record: dict[str, float] = {"step": step, **episode_stats(batch, by_env)}
-            record["lr"] = scheduler.get_last_lr()[0]  # at this step's first update
-            if batch.episodes:
-                record.update(
-                    update(model, ref, optimizer, scheduler, batch, cfg, recipe.seed, step)
-                )
-            record["sample_seconds"] = t1 - t0
-            record["update_seconds"] = time.perf_counter() - t1
-            log.write(record)
-            accs = " ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc/"))
-            bar.update(
-                task, completed=step, description=f"rl reward {record['reward']:.2f} · {accs}"
+    trainer = Trainer(
+        RLModule(model, ref, tokenizer, sources, cfg, recipe.seed),
+        model,
+        optimizer,
+        scheduler,
+        work_dir=work_dir,
+        steps=cfg.steps,
+        log_every=1,
+        ckpt_every=cfg.ckpt_every,
+        grad_clip=cfg.grad_clip,
+        world=world,
+        recipe=recipe,
+    )
+    return summary(trainer.fit(), cfg)
+
+
+class RLModule(TrainModule):
+    """RL's step: roll out a batch (`collect`), then `epochs` passes of minibatch updates."""
+
+    name = "rl"
+    hint = "lower rl.lr"
+
+    def __init__(
+        self,
+        model: Transformer,
+        ref: Transformer | None,
+        tokenizer: Tokenizer,
+        sources: list[TaskSource],
+        cfg: RLConfig,
+        seed: int,
+    ) -> None:
+        self.model, self.ref, self.tokenizer, self.sources = model, ref, tokenizer, sources
+        self.cfg, self.seed = cfg, seed
+        self._record: dict[str, float] = {}
+
+    def step(self, step: int, optimizer_step: OptimizerStep) -> None:
+        t0 = time.perf_counter()
+        batch, by_env = collect(self.model, self.tokenizer, self.sources, self.cfg, self.seed, step)
+        t1 = time.perf_counter()
+        record = episode_stats(batch, by_env)
+        record["lr"] = optimizer_step.scheduler.get_last_lr()[0]  # at this step's first update
+        if batch.episodes:
+            record.update(
+                update(self.model, self.ref, optimizer_step, batch, self.cfg, self.seed, step)
             )
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                elapsed = seconds + time.perf_counter() - start
-                save_fine_tuning(ckpt_root, step, model, optimizer, scheduler, elapsed)
-    seconds += time.perf_counter() - start
-    write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
-    return summary(work_dir, cfg, seconds)
+        record["sample_seconds"] = t1 - t0
+        record["update_seconds"] = time.perf_counter() - t1
+        self._record = record
+
+    def record(self) -> dict[str, float]:
+        return self._record
+
+    def describe(self, record: dict[str, float]) -> str:
+        accs = " ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc/"))
+        return f"rl reward {record['reward']:.2f} · {accs}"
 
 
-def summary(work_dir: Path, cfg: RLConfig, seconds: float) -> Metrics:
-    records = read_metrics(work_dir / "metrics.jsonl")
-    first, last = records[:FINAL_LOGS], records[-FINAL_LOGS:]
-
-    def mean(rows: list[dict[str, Any]], key: str) -> float:
-        values = [r[key] for r in rows if key in r]
-        return round(sum(values) / len(values), 5) if values else float("nan")
-
+def summary(run: TrainRun, cfg: RLConfig) -> Metrics:
+    records = run.records
     metrics: Metrics = {
-        "rl/first_reward": mean(first, "reward"),
-        "rl/final_reward": mean(last, "reward"),
-        "rl/final_entropy": mean(last, "entropy"),
-        "rl/dropped_frac": mean(records, "dropped_frac"),
+        "rl/first_reward": run.first("reward"),
+        "rl/final_reward": run.final("reward"),
+        "rl/final_entropy": run.final("entropy"),
+        "rl/dropped_frac": mean_of(records, "dropped_frac"),
         "rl/steps": cfg.steps,
-        "rl/seconds": round(seconds, 3),
+        "rl/seconds": round(run.seconds, 3),
         "rl/sample_seconds": round(sum(r.get("sample_seconds", 0.0) for r in records), 3),
         "rl/update_seconds": round(sum(r.get("update_seconds", 0.0) for r in records), 3),
     }
     for key in sorted({k for r in records for k in r if k.startswith("acc/")}):
-        metrics[f"rl/first_{key}"] = mean(first, key)
-        metrics[f"rl/final_{key}"] = mean(last, key)
+        metrics[f"rl/first_{key}"] = run.first(key)
+        metrics[f"rl/final_{key}"] = run.final(key)
     return metrics
 
 
@@ -445,8 +457,7 @@ def run_rl(ctx: StageContext) -> Metrics:
         return {}
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
     base = final_model_dir(ctx.inputs, ("sft", "pretrain"))
-    with deterministic(True):
-        metrics = train_rl(ctx.recipe, tokenizer, base, ctx.out)
+    metrics = train_rl(ctx.recipe, tokenizer, base, ctx.out)
     shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
     return metrics
 

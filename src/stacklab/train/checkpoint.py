@@ -13,19 +13,20 @@ Why it works this way:
 * **Tied weights once.** With `tie_embeddings` the output head *is* the embedding matrix;
   safetensors refuses two names for one tensor, so `lm_head.weight` is left out on save and
   pointed back at `embed.weight` on load.
-* **A final model anyone can rebuild.** `final/model.json` records the `ModelConfig` and the
-  vocabulary size next to `final/model.safetensors`, so evaluation, export and chat need no
-  recipe to load it.
+* **A final model anyone can rebuild.** `final/model.json` records the model's
+  `TransformerConfig` and the vocabulary size next to `final/model.safetensors`, so
+  evaluation, export and chat need no recipe to load it. The config is stored as the
+  recipe's `model` section dumps it (the same keys, nested `moe`), and read back through
+  that section's validation, so model.json files written before the model had its own
+  config load unchanged, and older code reads the new ones.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from stacklab.errors import StacklabError
+from stacklab.fileio import staging_dir
+from stacklab.model.config import TransformerConfig
 from stacklab.model.transformer import Transformer, build_model
 from stacklab.recipe import ModelConfig
 
@@ -60,13 +63,13 @@ class Checkpoint:
 # --------------------------------------------------------------------------- weights
 
 
-def storable(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def storable(state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """A state dict safetensors can store: the tied alias dropped, tensors contiguous on CPU."""
     alias = TIED[0] if cfg.tie_embeddings else None
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k != alias}
 
 
-def restore_tied(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def restore_tied(tensors: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """The full state dict again: the tied alias points at the stored embedding."""
     if cfg.tie_embeddings:
         alias, stored = TIED
@@ -75,29 +78,22 @@ def restore_tied(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tens
 
 
 def write_model(
-    path: str | Path, cfg: ModelConfig, vocab_size: int, state: dict[str, Tensor]
+    path: str | Path, cfg: TransformerConfig, vocab_size: int, state: dict[str, Tensor]
 ) -> None:
     """Write `path/model.safetensors` and `path/model.json` (config + vocab) atomically."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = _tmp_sibling(path)
-    tmp.mkdir(parents=True)
-    save_file(storable(state, cfg), tmp / MODEL_FILE)
-    meta = {"model": cfg.model_dump(mode="json"), "vocab_size": vocab_size}
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _replace_dir(tmp, path)
-
-
-def save_model(model: Transformer, path: str | Path) -> None:
-    """Save a model for other stages: `path/model.safetensors` + `path/model.json`."""
-    write_model(path, model.cfg, model.vocab_size, model.state_dict())
+    with staging_dir(path) as tmp:
+        save_file(storable(state, cfg), tmp / MODEL_FILE)
+        meta = {"model": cfg.to_dict(), "vocab_size": vocab_size}
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_model(
-    path: str | Path, cfg: ModelConfig | None = None, vocab_size: int | None = None
+    path: str | Path, cfg: TransformerConfig | None = None, vocab_size: int | None = None
 ) -> Transformer:
-    """Rebuild a model saved by `save_model`, on CPU and in train mode as built.
+    """Rebuild a model saved by `write_model`, on CPU and in train mode as built.
 
     The config and vocabulary size come from `model.json` unless given.
     """
@@ -106,7 +102,8 @@ def load_model(
     if not (path / MODEL_FILE).is_file() or not meta_file.is_file():
         raise StacklabError(f"no saved model in {path} (expected {MODEL_FILE} and model.json)")
     meta = json.loads(meta_file.read_text())
-    cfg = cfg or ModelConfig.model_validate(meta["model"])
+    # Validated as the recipe section it was dumped from: old and new model.json alike.
+    cfg = cfg or ModelConfig.model_validate(meta["model"]).build()
     model = build_model(cfg, vocab_size or meta["vocab_size"])
     model.load_state_dict(restore_tied(load_file(path / MODEL_FILE), cfg))
     return model
@@ -149,7 +146,7 @@ def checkpoint_dir(root: str | Path, step: int) -> Path:
 def save_checkpoint(
     root: str | Path,
     step: int,
-    cfg: ModelConfig,
+    cfg: TransformerConfig,
     model_state: dict[str, Tensor],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
@@ -161,14 +158,12 @@ def save_checkpoint(
     for stale in root.glob(".step_*.tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_dir(root, step)
-    tmp = _tmp_sibling(final)
-    tmp.mkdir()
-    save_file(storable(model_state, cfg), tmp / MODEL_FILE)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(_torch_rng(), tmp / "rng.pt")
-    record = {"step": step, **state, "rng": _host_rng()}
-    (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
-    _replace_dir(tmp, final)
+    with staging_dir(final) as tmp:
+        save_file(storable(model_state, cfg), tmp / MODEL_FILE)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(_torch_rng(), tmp / "rng.pt")
+        record = {"step": step, **state, "rng": _host_rng()}
+        (tmp / "state.json").write_text(json.dumps(record, indent=2) + "\n")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -214,7 +209,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, cfg: ModelConfig) -> Checkpoint:
+def load_checkpoint(path: str | Path, cfg: TransformerConfig) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint` (tensors on CPU)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
@@ -267,25 +262,3 @@ def _set_numpy(state: dict[str, Any]) -> None:
 def _torch_rng() -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Flush `tmp`'s files and rename it to `final` (replacing an older `final`)."""
-    for file in tmp.iterdir():
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

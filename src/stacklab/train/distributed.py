@@ -5,7 +5,8 @@ Why it looks like this:
 * **One process per device, started by torchrun.** `init_distributed` reads torchrun's
   `RANK`, `WORLD_SIZE` and `LOCAL_RANK`, joins the process group (gloo on CPU, NCCL on GPU)
   and picks the device. Without torchrun it is a world of one and nothing here does anything,
-  so the training loop has no separate single-process path.
+  so the training loop has no separate single-process path. SFT and RL train in one process
+  (`single_process`) on the device the same rule picks.
 * **DDP by default, FSDP2 on request.** DDP keeps a full replica per rank and averages the
   gradients; `fully_shard` (FSDP2) shards each block's parameters, gradients and optimizer
   state, for models that do not fit one device. FSDP over gloo on CPU is not a setup anyone
@@ -71,6 +72,18 @@ def init_distributed() -> World:
         else:
             dist.init_process_group("gloo")
     return World(rank, world_size, local_rank, device)
+
+
+def single_process(stage: str) -> World:
+    """The world of a stage that trains in one process (SFT, RL): the device
+    `init_distributed` picks; refused under torchrun with more than one process."""
+    world = init_distributed()
+    if world.distributed:
+        raise StacklabError(
+            f"{stage} trains in one process; run it without torchrun (only pretraining is "
+            "data-parallel)"
+        )
+    return world
 
 
 def shutdown_distributed() -> None:

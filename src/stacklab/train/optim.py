@@ -2,16 +2,17 @@
 
 Why it works this way:
 
-* **Parameters are split by role, not by module type.** Weight decay pulls weights towards
-  zero, which makes sense for matrices but not for norm gains (initialised at 1) or biases, so
-  only parameters with two or more dimensions decay. Under Muon the split goes further: Muon's
-  update is an orthogonalised matrix, the steepest descent for a *linear map between hidden
-  states*, so it is for the attention projections, the MLP weights and the stacked expert
-  weights. The embedding is a lookup table and the output head a classifier over the
+* **Parameters are split by role, and every role is an explicit rule on a module type**
+  (`parameter_roles`). Weight decay pulls weights towards zero, which makes sense for matrices
+  but not for norm gains (initialised at 1) or biases, so those never decay. Under Muon the
+  split goes further: Muon's update is an orthogonalised matrix, the steepest descent for a
+  *linear map between hidden states*, so it is for the weights of `nn.Linear` layers (the
+  attention projections, the MLP weights) and the MoE's stacked expert weights. The embedding
+  is a lookup table and the output head (the `Transformer`'s `lm_head`) a classifier over the
   vocabulary; they stay on AdamW, as do the MoE router (a small classifier over experts) and
-  every vector. Roles are read from parameter names (`embed.weight`, `lm_head.weight`,
-  `router.weight`), matched on the last two name parts so that wrappers' prefixes do not
-  matter.
+  every norm gain and bias. A parameter no rule covers is an error that names it, never a
+  silent guess: a new 2-D parameter must say whether it is a hidden map. The groups are
+  checked to hold every trainable parameter exactly once (`check_partition`).
 * **Muon** (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks")
   keeps a momentum buffer, replaces the update by (approximately) the nearest semi-orthogonal
   matrix U Vᵀ of its SVD U S Vᵀ, computed with a few Newton–Schulz iterations of matrix
@@ -32,6 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from stacklab.model.layers import RMSNorm
+from stacklab.model.moe import MoE
+from stacklab.model.transformer import Transformer
 from stacklab.recipe import OptimConfig
 
 Coefficients = Literal["quintic", "polar_express"]
@@ -92,40 +96,113 @@ def newton_schulz(G: Tensor, steps: int, coefficients: Coefficients = "quintic")
 
 # --------------------------------------------------------------------------- parameter groups
 
-_ADAMW_MATRICES = {"embed.weight", "lm_head.weight", "router.weight"}
+# A parameter's role: "hidden", a linear map between hidden states (Muon under Muon, else
+# decayed AdamW); "matrix", the embedding, output head or router (decayed AdamW); "vector", a
+# norm gain or a bias (AdamW without decay).
+Role = Literal["hidden", "matrix", "vector"]
+_EXPERT_STACKS = ("gate_proj", "up_proj", "down_proj")  # MoE parameters [E, out, in]
+
+
+def parameter_roles(model: nn.Module) -> dict[str, Role]:
+    """The role of every trainable parameter of `model`, by qualified name.
+
+    Rules, by the module that owns the parameter: an `nn.Linear`'s weight is "hidden", unless
+    that layer is a `Transformer`'s output head or an `MoE`'s router ("matrix"); its bias is a
+    "vector"; an `nn.Embedding`'s weight is a "matrix"; an `MoE`'s expert stacks are "hidden";
+    an `RMSNorm`'s gain is a "vector". Any other parameter raises a `ValueError` naming it;
+    frozen ones are left out. A parameter shared by two modules (tied embeddings) keeps its
+    first name and must get one role from both.
+    """
+    classifiers = {id(m.lm_head) for m in model.modules() if isinstance(m, Transformer)}
+    classifiers |= {id(m.router) for m in model.modules() if isinstance(m, MoE)}
+    by_param: dict[int, Role] = {}
+    for prefix, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            role = _role(module, local, classifiers)
+            name = f"{prefix}.{local}" if prefix else local
+            if role is None:
+                raise ValueError(
+                    f"optimizer: no rule for parameter {name} ({type(module).__name__}.{local}, "
+                    f"shape {tuple(p.shape)}); give it a role in train/optim.py's _role"
+                )
+            if by_param.setdefault(id(p), role) != role:
+                raise ValueError(f"optimizer: parameter {name} is shared with two roles")
+    return {name: by_param[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _role(module: nn.Module, local: str, classifiers: set[int]) -> Role | None:
+    if isinstance(module, nn.Linear):
+        if local == "bias":
+            return "vector"
+        return "matrix" if id(module) in classifiers else "hidden"
+    if isinstance(module, nn.Embedding) and local == "weight":
+        return "matrix"
+    if isinstance(module, MoE) and local in _EXPERT_STACKS:
+        return "hidden"
+    if isinstance(module, RMSNorm) and local == "weight":
+        return "vector"
+    return None
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """The model's trainable parameters in groups by role, ready for an optimizer.
 
     Groups (empty ones left out), each with `lr`, `weight_decay` and `use_muon`, and `params`
-    as `(name, tensor)` pairs (torch records the names as the group's `param_names`):
-    `muon` (only when cfg.name == "muon": hidden matrices and expert stacks, at cfg.muon.lr),
-    `decay` (the other matrices: all of them under AdamW; embedding, head and router under
-    Muon) and `no_decay` (norm gains, biases, every other vector).
+    as `(name, tensor)` pairs in the model's order (torch records the names as the group's
+    `param_names`): `muon` (only when cfg.name == "muon": the "hidden" parameters, at
+    cfg.muon.lr), `decay` (the other matrices: every "hidden" and "matrix" one under AdamW)
+    and `no_decay` (the "vector" ones). See `parameter_roles`.
     """
     use_muon = cfg.name == "muon"
+    roles = parameter_roles(model)
     members: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "decay": [], "no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2:
-            role = "no_decay"
-        elif use_muon and ".".join(name.split(".")[-2:]) not in _ADAMW_MATRICES:
-            role = "muon"
+        if roles[name] == "vector":
+            group = "no_decay"
+        elif use_muon and roles[name] == "hidden":
+            group = "muon"
         else:
-            role = "decay"
-        members[role].append((name, p))
+            group = "decay"
+        members[group].append((name, p))
     settings = {
         "muon": {"lr": cfg.muon.lr, "weight_decay": cfg.weight_decay, "use_muon": True},
         "decay": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "use_muon": False},
         "no_decay": {"lr": cfg.lr, "weight_decay": 0.0, "use_muon": False},
     }
-    return [
-        {"name": role, "params": params, **settings[role]}
-        for role, params in members.items()
+    groups = [
+        {"name": group, "params": params, **settings[group]}
+        for group, params in members.items()
         if params
     ]
+    check_partition(model, groups)
+    return groups
+
+
+def check_partition(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Raise a `ValueError` naming the parameter unless every trainable parameter of `model`
+    is in exactly one of `groups` (`params`: `(name, tensor)` pairs) and nothing else is."""
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    seen: dict[int, str] = {}
+    for group in groups:
+        for name, p in group["params"]:
+            if id(p) not in trainable:
+                raise ValueError(
+                    f"optimizer group {group['name']}: {name} is not a trainable "
+                    "parameter of the model"
+                )
+            if id(p) in seen:
+                raise ValueError(
+                    f"optimizer: parameter {name} is in two groups, {seen[id(p)]} and "
+                    f"{group['name']}"
+                )
+            seen[id(p)] = group["name"]
+    missing = [name for i, name in trainable.items() if i not in seen]
+    if missing:
+        raise ValueError(f"optimizer: parameters in no group: {', '.join(missing)}")
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -12,16 +12,15 @@ The data (`sft_conversations`) is three kinds of conversation, all in the chat f
 (`Schedule`). They are packed into rows by `pack_sft`, whose targets are -100 everywhere but
 on assistant tokens: the loss never trains on prompts, system text or tool responses.
 
-Training is AdamW with warmup and cosine decay. Batch `s` is a pure function of the seed and
-the step (a seeded permutation of the rows per epoch), so a checkpoint needs only the weights,
-the optimizer, the scheduler and the random states, and a killed run resumes bit-exactly like
-pretraining does.
+Training is AdamW with warmup and cosine decay, in the `Trainer`'s loop (trainer.py): this
+module is SFT's `TrainModule`. Batch `s` is a pure function of the seed and the step (a seeded
+permutation of the rows per epoch), so a checkpoint needs only the weights, the optimizer, the
+scheduler and the random states, and a killed run resumes bit-exactly like pretraining does.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +32,22 @@ from stacklab.data.tokenizer import load_tokenizer
 from stacklab.envs.base import Message
 from stacklab.envs.suite import demonstrations
 from stacklab.errors import DataError, StacklabError
+from stacklab.model.transformer import Transformer
 from stacklab.pipeline import Metrics, Stage, StageContext
-from stacklab.progress import progress_bar
 from stacklab.recipe import OptimConfig, Recipe, SFTConfig
-from stacklab.train.checkpoint import (
-    load_model,
-    resume_fine_tuning,
-    save_fine_tuning,
-    seed_everything,
-    write_model,
-)
+from stacklab.train import distributed as D
+from stacklab.train.checkpoint import load_model, seed_everything
 from stacklab.train.optim import build_optimizer
-from stacklab.train.pretrain import (
-    METRICS_FILE,
-    MetricsLog,
-    clip_gradients,
-    deterministic,
-    read_metrics,
-)
 from stacklab.train.schedule import build_scheduler
 from stacklab.train.sft_data import (
+    SFTRows,
     concat_rows,
     load_conversations,
     pack_sft,
     small_task_conversations,
     task_conversations,
 )
+from stacklab.train.trainer import OptimizerStep, Trainer, TrainModule, TrainRun
 
 
 def sft_sources(recipe: Recipe) -> dict[str, list[list[Message]]]:
@@ -171,76 +160,77 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
     """Fine-tune the model saved in `base`; checkpoints, `metrics.jsonl` and `final/` in
     `work_dir`. Resumes from the newest checkpoint there."""
     cfg = recipe.sft
+    world = D.single_process("sft")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(base)
+    model = load_model(base).to(world.device)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise StacklabError(
             f"sft.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model.cfg.max_seq_len})"
         )
     schedule = Schedule(recipe, tokenizer)
-    with deterministic(True):
-        return _train(recipe, model, schedule, work_dir)
-
-
-def _train(recipe: Recipe, model: Any, schedule: Schedule, work_dir: Path) -> Metrics:
-    cfg = recipe.sft
     optim_cfg = sft_optim(cfg)
     seed_everything(recipe.seed)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
-    ckpt_root = work_dir / "checkpoints"
-    step, seconds = resume_fine_tuning(ckpt_root, model, optimizer, scheduler)
+    trainer = Trainer(
+        SFTModule(model, schedule, cfg, recipe.seed, world.device),
+        model,
+        optimizer,
+        scheduler,
+        work_dir=work_dir,
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        grad_clip=cfg.grad_clip,
+        world=world,
+        recipe=recipe,
+    )
+    return _summary(trainer.fit(), schedule.rows, cfg)
 
-    rows = schedule.rows
-    model.train()
-    start = time.perf_counter()
-    trained_tokens = 0
-    with progress_bar() as bar, MetricsLog(work_dir, step, True, "sft", recipe) as log:
-        task = bar.add_task("sft", total=cfg.steps, completed=step)
-        while step < cfg.steps:
-            idx = schedule.batch(step, cfg.batch_size, recipe.seed)
-            step += 1
-            inputs, targets = rows.inputs[idx], rows.targets[idx]
-            out = model(inputs, targets)
-            (out.loss + out.aux_loss).backward()
-            grad_norm = clip_gradients(model, cfg.grad_clip)
-            lr = scheduler.get_last_lr()[0]  # the rate this step trains with
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for moe in model.moe_layers():
-                moe.update_bias()
-            if not torch.isfinite(out.loss):
-                raise StacklabError(
-                    f"sft diverged: the loss is {out.loss.item()} at step {step} (lower sft.lr)"
-                )
-            trained_tokens += int((targets != -100).sum())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(
-                    {
-                        "step": step,
-                        "loss": out.loss.item(),
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                    }
-                )
-                bar.update(task, description=f"sft loss {out.loss.item():.3f}")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                elapsed = seconds + time.perf_counter() - start
-                save_fine_tuning(ckpt_root, step, model, optimizer, scheduler, elapsed)
-            bar.update(task, completed=step)
-    seconds += time.perf_counter() - start
-    write_model(work_dir / "final", model.cfg, model.vocab_size, model.state_dict())
-    losses = [r["loss"] for r in read_metrics(work_dir / METRICS_FILE)][-3:]
+
+class SFTModule(TrainModule):
+    """SFT's steps: one batch of packed rows (`Schedule`), loss on assistant tokens only."""
+
+    name = "sft"
+    hint = "lower sft.lr"
+
+    def __init__(
+        self,
+        model: Transformer,
+        schedule: Schedule,
+        cfg: SFTConfig,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.seed, self.device = seed, device
+        self._loss = self._grad_norm = torch.zeros(())
+        self._lr = 0.0
+
+    def step(self, step: int, optimizer_step: OptimizerStep) -> None:
+        rows = self.schedule.rows
+        idx = self.schedule.batch(step - 1, self.cfg.batch_size, self.seed)
+        inputs, targets = rows.inputs[idx].to(self.device), rows.targets[idx].to(self.device)
+        self._lr = optimizer_step.scheduler.get_last_lr()[0]  # the rate this step trains with
+        out = self.model(inputs, targets)
+        (out.loss + out.aux_loss).backward()
+        self._grad_norm = optimizer_step(out.loss)
+        self._loss = out.loss.detach()
+
+    def record(self) -> dict[str, float]:
+        return {"loss": self._loss.item(), "lr": self._lr, "grad_norm": self._grad_norm.item()}
+
+
+def _summary(run: TrainRun, rows: SFTRows, cfg: SFTConfig) -> Metrics:
     stats = rows.stats()
     return {
-        "sft/final_loss": round(sum(losses) / len(losses), 5) if losses else float("nan"),
+        "sft/final_loss": run.final("loss"),
         "sft/conversations": stats["conversations"],
         "sft/rows": stats["rows"],
         "sft/assistant_tokens": stats["assistant_tokens"],
         "sft/dropped_too_long": stats["dropped_too_long"],
-        "sft/seconds": round(seconds, 3),
+        "sft/seconds": round(run.seconds, 3),
         "sft/steps": cfg.steps,
     }
 

@@ -36,7 +36,6 @@ from stacklab.data.chat import encode_chat, task_conversation, validate_messages
 from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import EOT_ID, PAD_ID
 from stacklab.errors import DataError
-from stacklab.model.transformer import Transformer
 from stacklab.recipe import TaskConfig
 
 IGNORE = -100  # a target the loss skips
@@ -190,9 +189,3 @@ def concat_rows(parts: list[SFTRows]) -> SFTRows:
         dropped_too_long=sum(p.dropped_too_long for p in parts),
         dropped_untrained=sum(p.dropped_untrained for p in parts),
     )
-
-
-def sft_loss(model: Transformer, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over the assistant's target tokens: the model's own loss, which
-    skips -100 targets (the MoE `aux_loss` is the trainer's to add)."""
-    return model(inputs, targets).loss
