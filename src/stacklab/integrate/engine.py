@@ -166,7 +166,7 @@ class Searched:
 
 @dataclass
 class RoundResult:
-    """Everything the reports show; `decision` is decision.json."""
+    """Everything the reports show; `decision` is the decision record (decision.json)."""
 
     decision: DecisionRecord
     round: Round

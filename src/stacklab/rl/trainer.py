@@ -64,7 +64,7 @@ from stacklab.train import distributed as D
 from stacklab.train.checkpoint import final_model_dir, load_model, seed_everything
 from stacklab.train.optim import build_optimizer
 from stacklab.train.schedule import build_scheduler
-from stacklab.train.trainer import OptimizerStep, Trainer, TrainModule, TrainRun, mean_of
+from stacklab.train.trainer import Loop, OptimizerStep, Trainer, TrainModule, TrainRun, mean_of
 
 POOL_SIZE = 2000  # training tasks per environment that steps sample from
 CISPO_EPS_HIGH = 0.28  # our default upper bound of CISPO's weight when the recipe sets none
@@ -374,18 +374,10 @@ def train_rl(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -
     optimizer = build_optimizer(model, optim_cfg)
     updates_per_step = cfg.epochs * -(-cfg.prompts_per_step * cfg.group_size // cfg.minibatch_size)
     scheduler = build_scheduler(optimizer, cfg.steps * updates_per_step, optim_cfg)
+    module = RLModule(model, ref, tokenizer, sources, cfg, recipe.seed)
+    loop = Loop(cfg.steps, 1, cfg.ckpt_every, cfg.grad_clip)  # every RL step is logged
     trainer = Trainer(
-        RLModule(model, ref, tokenizer, sources, cfg, recipe.seed),
-        model,
-        optimizer,
-        scheduler,
-        work_dir=work_dir,
-        steps=cfg.steps,
-        log_every=1,
-        ckpt_every=cfg.ckpt_every,
-        grad_clip=cfg.grad_clip,
-        world=world,
-        recipe=recipe,
+        module, model, optimizer, scheduler, loop, work_dir=work_dir, world=world, recipe=recipe
     )
     return summary(trainer.fit(), cfg)
 

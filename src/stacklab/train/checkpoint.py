@@ -169,31 +169,6 @@ def save_checkpoint(
     return final
 
 
-def save_fine_tuning(
-    root: Path, step: int, model: Transformer, optimizer: Any, scheduler: Any, seconds: float
-) -> Path:
-    """A single-process fine-tuning checkpoint (SFT, RL): weights, optimizer, scheduler, the
-    training seconds so far, and the random states."""
-    state = {"scheduler": scheduler.state_dict(), "seconds": seconds}
-    return save_checkpoint(root, step, model.cfg, model.state_dict(), optimizer.state_dict(), state)
-
-
-def resume_fine_tuning(
-    root: Path, model: Transformer, optimizer: Any, scheduler: Any
-) -> tuple[int, float]:
-    """Load the newest `save_fine_tuning` checkpoint under `root` into everything, random
-    states included; return (step, seconds), or (0, 0.0) when there is none."""
-    found = latest_checkpoint(root)
-    if found is None:
-        return 0, 0.0
-    ckpt = load_checkpoint(found, model.cfg)
-    model.load_state_dict(ckpt.model)
-    optimizer.load_state_dict(ckpt.optimizer)
-    scheduler.load_state_dict(ckpt.state["scheduler"])
-    restore_rng(ckpt)
-    return ckpt.step, ckpt.state["seconds"]
-
-
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     root = Path(root)

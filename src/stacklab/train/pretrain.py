@@ -45,7 +45,7 @@ from stacklab.train import distributed as D
 from stacklab.train.checkpoint import seed_everything
 from stacklab.train.optim import build_optimizer
 from stacklab.train.schedule import build_scheduler, lr_factor
-from stacklab.train.trainer import OnStep, OptimizerStep, Trainer, TrainModule, TrainRun
+from stacklab.train.trainer import Loop, OnStep, OptimizerStep, Trainer, TrainModule, TrainRun
 
 
 def pretrain(
@@ -81,18 +81,9 @@ def pretrain(
         shard_dir, "train", cfg.batch_size, recipe.seed, world.rank, world.world_size
     )
     module = PretrainModule(recipe, raw, wrapped, loader, world, seq_len, peak)
+    loop = Loop(cfg.steps, cfg.log_every, cfg.ckpt_every, recipe.optim.grad_clip)
     trainer = Trainer(
-        module,
-        raw,
-        optimizer,
-        scheduler,
-        work_dir=work_dir,
-        steps=cfg.steps,
-        log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
-        grad_clip=recipe.optim.grad_clip,
-        world=world,
-        recipe=recipe,
+        module, raw, optimizer, scheduler, loop, work_dir=work_dir, world=world, recipe=recipe
     )
     run = trainer.fit(on_step)
     # A peak measured while something else loaded the machine is too low (MFU above 1 has

@@ -47,7 +47,7 @@ from stacklab.train.sft_data import (
     small_task_conversations,
     task_conversations,
 )
-from stacklab.train.trainer import OptimizerStep, Trainer, TrainModule, TrainRun
+from stacklab.train.trainer import Loop, OptimizerStep, Trainer, TrainModule, TrainRun
 
 
 def sft_sources(recipe: Recipe) -> dict[str, list[list[Message]]]:
@@ -173,18 +173,10 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
     seed_everything(recipe.seed)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
+    module = SFTModule(model, schedule, cfg, recipe.seed, world.device)
+    loop = Loop(cfg.steps, cfg.log_every, cfg.ckpt_every, cfg.grad_clip)
     trainer = Trainer(
-        SFTModule(model, schedule, cfg, recipe.seed, world.device),
-        model,
-        optimizer,
-        scheduler,
-        work_dir=work_dir,
-        steps=cfg.steps,
-        log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
-        grad_clip=cfg.grad_clip,
-        world=world,
-        recipe=recipe,
+        module, model, optimizer, scheduler, loop, work_dir=work_dir, world=world, recipe=recipe
     )
     return _summary(trainer.fit(), schedule.rows, cfg)
 

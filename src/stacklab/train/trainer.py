@@ -145,6 +145,17 @@ def mean_of(records: list[dict[str, Any]], key: str) -> float:
     return round(sum(values) / len(values), 5) if values else float("nan")
 
 
+@dataclass(frozen=True)
+class Loop:
+    """How long a stage trains and how often it logs and checkpoints (every `log_every` and
+    `ckpt_every` steps, and at the last step); gradients are clipped to `grad_clip` (0: not)."""
+
+    steps: int
+    log_every: int
+    ckpt_every: int
+    grad_clip: float
+
+
 class Trainer:
     """The loop around a `TrainModule`: resume, steps, NaN guard, log, MoE balance, checkpoints.
 
@@ -161,20 +172,17 @@ class Trainer:
         model: Transformer,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loop: Loop,
         *,
         work_dir: Path,
-        steps: int,
-        log_every: int,
-        ckpt_every: int,
-        grad_clip: float,
         world: D.World,
         recipe: Recipe | None = None,
     ) -> None:
         self.module, self.model, self.world = module, model, world
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.optimizer_step = OptimizerStep(model, optimizer, scheduler, grad_clip)
+        self.optimizer_step = OptimizerStep(model, optimizer, scheduler, loop.grad_clip)
         self.work_dir, self.ckpt_root = Path(work_dir), Path(work_dir) / "checkpoints"
-        self.steps, self.log_every, self.ckpt_every = steps, log_every, ckpt_every
+        self.steps, self.log_every, self.ckpt_every = loop.steps, loop.log_every, loop.ckpt_every
         self.recipe = recipe  # its `log` section names the trackers
 
     def fit(self, on_step: OnStep | None = None) -> TrainRun:
