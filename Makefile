@@ -1,9 +1,10 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo      create .venv, install, run the demo integration round (about 10-15 minutes)
 #   make test      create .venv, install, run the fast tests: every test not marked slow
-#                  (about 2 minutes on 2 CPU cores)
+#                  (about a minute on 2 CPU cores)
 # and more, with the same set-up:
-#   make test-all  every test, the slow end-to-end ones included (what CI runs: .ci/run)
+#   make test-all  every test, the slow end-to-end ones included (tens of minutes; what CI
+#                  runs: .ci/run)
 #   make bench     the CPU benchmark suite (about 8 minutes), one table
 #   make lint      ruff check and ruff format --check
 PYTHON ?= python3

@@ -67,6 +67,7 @@ def test_scenario_structure(seed):
     assert len(set(keys)) == len(keys) - (1 if choice else 0)  # only a choice group shares
 
 
+@pytest.mark.slow
 def test_every_role_appears_and_the_rounds_load(tmp_path):
     seen: set[str] = set()
     loaded = 0

@@ -60,6 +60,7 @@ def test_build_eval_export_import_round_trip(tmp_path: Path, model_extra, capsys
     assert "already exists" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_refusal_names_the_field(tmp_path: Path, capsys) -> None:
     run = build_run(tmp_path, {"qk_norm": False})
     capsys.readouterr()

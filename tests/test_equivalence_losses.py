@@ -9,11 +9,14 @@ bit-exact check, for a refactoring on one machine.
 import json
 from pathlib import Path
 
+import pytest
+
 from equivalence.losses import capture, decode, differences
 
 GOLDEN = Path(__file__).parent / "equivalence" / "losses_golden.json"
 
 
+@pytest.mark.slow
 def test_training_records_match_the_golden_file() -> None:
     golden = decode(json.loads(GOLDEN.read_text()))
     found = differences(golden, capture(), rtol=1e-6)

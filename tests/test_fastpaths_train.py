@@ -127,6 +127,7 @@ def test_activation_checkpointing_gives_identical_gradients(name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(ac_counts, counts, strict=True))
 
 
+@pytest.mark.slow
 def test_grouped_mm_op_matches_the_aten_op_and_passes_opcheck() -> None:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(10, 8, generator=gen, requires_grad=True)

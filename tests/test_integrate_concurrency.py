@@ -112,6 +112,7 @@ def partial_runs(runs_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- round folder
 
 
+@pytest.mark.slow
 def test_a_second_engine_on_a_round_folder_is_refused_and_the_first_ends_well(
     tmp_path: Path,
 ) -> None:
@@ -262,6 +263,7 @@ def test_cleanup_spares_live_owners_folders_and_removes_dead_ones(tmp_path: Path
     )
 
 
+@pytest.mark.slow
 def test_a_lease_is_renewed_while_its_store_lives(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     with RunStore(url, lease_s=0.5) as claimer, RunStore(url, reset_stale=False) as reaper:

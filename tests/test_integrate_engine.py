@@ -464,6 +464,7 @@ def report_round(tmp_path_factory: pytest.TempPathFactory):
     return result, root / "out"
 
 
+@pytest.mark.slow
 def test_html_report_is_self_contained_and_balanced(report_round) -> None:
     """Render a report from a real (tiny) round through the engine."""
     result, out = report_round
@@ -500,6 +501,7 @@ def test_html_report_is_self_contained_and_balanced(report_round) -> None:
     assert "**Noise floor**" in md and "detected with 80% power on" in md
 
 
+@pytest.mark.slow
 def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
     """An undecided contribution gets its own line and colour; a null end prints as an
     unbounded one (-inf, +inf, as the reasons print it), an unknown number as n/a."""
@@ -556,6 +558,7 @@ def test_report_shows_undecided_and_unknown_numbers(report_round) -> None:
     assert "above n/a utility" in md and "quality n/a" in md
 
 
+@pytest.mark.slow
 def test_relative_out_works_from_another_folder(tmp_path: Path, monkeypatch) -> None:
     """Runs execute in the round file's folder; a relative --out must still land in cwd."""
     from rich.console import Console

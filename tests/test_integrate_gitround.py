@@ -54,6 +54,7 @@ def reasons(d: DecisionRecord) -> dict[str, str]:
 # --------------------------------------------------------------------------- a whole round
 
 
+@pytest.mark.slow
 def test_a_round_over_branches_decides_and_shows_the_code(
     tmp_path: Path, repo: Path, trainer_log: Path
 ) -> None:
@@ -89,6 +90,7 @@ def test_a_round_over_branches_decides_and_shows_the_code(
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
 
 
+@pytest.mark.slow
 def test_runs_execute_in_the_subsets_tree(tmp_path: Path, repo: Path, trainer_log: Path) -> None:
     """The command's working folder is the merged tree, also given as {tree}."""
     rnd_file = write_round(tmp_path / "round", repo)
@@ -116,6 +118,7 @@ def test_runs_execute_in_the_subsets_tree(tmp_path: Path, repo: Path, trainer_lo
 # --------------------------------------------------------------------------- provenance
 
 
+@pytest.mark.slow
 def test_a_changed_line_reruns_what_it_can_affect_and_reuses_nothing_stale(
     tmp_path: Path, repo: Path, trainer_log: Path
 ) -> None:
@@ -156,6 +159,7 @@ def test_a_changed_line_reruns_what_it_can_affect_and_reuses_nothing_stale(
     assert all(rnd.blind["gain"] in r.subset for r in stale)
 
 
+@pytest.mark.slow
 def test_a_changed_trainer_without_git_sets_old_runs_aside(
     tmp_path: Path, trainer_log: Path
 ) -> None:

@@ -303,6 +303,7 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
+@pytest.mark.slow
 def test_ladder_shelves_a_change_that_flips_and_keeps_one_that_holds(tmp_path: Path) -> None:
     """ladder_basic: flip helps the depth-2 model and hurts the depth-4 one. A round at s
     alone would take it; the ladder measures it again at m, on seeds of its own, and shelves
@@ -338,6 +339,7 @@ def test_ladder_shelves_a_change_that_flips_and_keeps_one_that_holds(tmp_path: P
     assert "flip" in rungs["s"].chosen  # a round at s alone would have taken it
 
 
+@pytest.mark.slow
 def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: Path) -> None:
     """lr_confound: lrup only moves optim.lr to its best value. At the baseline's learning
     rate that is a real gain, and a ladder without lr_tuning takes it; with lr_tuning both

@@ -140,6 +140,7 @@ def test_patterns_read_the_first_and_last_rung() -> None:
     assert _pattern(["?", "+"]) == "undecided"
 
 
+@pytest.mark.slow
 def test_kendall_tau_between_rungs_with_a_seed_bootstrap() -> None:
     same = [{0: 1.0, 1: 1.2}, {0: 2.0, 1: 2.1}, {0: 3.0, 1: 3.3}]
     assert _tau_interval(same, same) == [1.0, 1.0, 1.0]  # no resample reorders them
@@ -167,6 +168,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> DecisionRecord:
     return integrate(round_file, root / "out", console=quiet()).decision
 
 
+@pytest.mark.slow
 def test_a_ladder_decides_at_its_top_rung_and_reports_transfer(
     reference: DecisionRecord,
 ) -> None:
@@ -214,6 +216,7 @@ def test_a_killed_ladder_resumes_with_no_run_repeated(
     assert all(counts[k] == 1 for k in done_before)
 
 
+@pytest.mark.slow
 def test_a_measured_cost_prices_the_rung_from_run_times(tmp_path: Path) -> None:
     rungs = [RUNGS[0], {"name": "m", "patch": {"model.depth": 4}}]
     round_file = write_round(tmp_path / "round", small(), budget=120, scales=rungs)
@@ -225,6 +228,7 @@ def test_a_measured_cost_prices_the_rung_from_run_times(tmp_path: Path) -> None:
     assert any(b.purpose == "probe" and b.rung == "m" for b in d.batches)
 
 
+@pytest.mark.slow
 def test_lr_tuning_shelves_a_change_that_only_moves_the_learning_rate(tmp_path: Path) -> None:
     """beta sets optim.lr to 0.006, the top of the grid: at the top rung every recipe but the
     baseline runs at the chosen recipe's best lr, so beta changes nothing there."""
@@ -262,6 +266,7 @@ def test_the_builtin_ladder_round_loads_with_its_rungs() -> None:
         assert data["model"]["depth"] == depth
 
 
+@pytest.mark.slow
 def test_the_gpu_ladder_round_loads_and_its_script_needs_cuda(tmp_path: Path) -> None:
     import subprocess
 
@@ -282,6 +287,7 @@ def test_the_gpu_ladder_round_loads_and_its_script_needs_cuda(tmp_path: Path) ->
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_round_at_the_small_rung_alone_keeps_the_flip_the_ladder_shelves(
     tmp_path: Path,
 ) -> None:

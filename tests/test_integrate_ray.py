@@ -36,6 +36,8 @@ from stacklab.integrate.round import RayExecutor, load_round
 from stacklab.integrate.runners import Job, LocalPool, Outcome, RayPool, make_executor
 from test_integrate_engine import WRITES, job, py_runner
 
+pytestmark = pytest.mark.slow  # every test starts a Ray cluster (seconds)
+
 if os.environ.get("STACKLAB_REQUIRE_RAY") == "1":
     try:
         import ray

@@ -37,6 +37,7 @@ def round_out(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.mark.slow
 def test_a_rounds_decision_json_reads_back_as_the_record(round_out: Path) -> None:
     text = (round_out / "decision.json").read_text()
     record = DecisionRecord.model_validate_json(text)
@@ -52,6 +53,7 @@ def test_a_rounds_decision_json_reads_back_as_the_record(round_out: Path) -> Non
     assert (record.ladder is not None) == (round_out.parent.name.startswith("ladder"))
 
 
+@pytest.mark.slow
 def test_a_rounds_decision_json_validates_against_the_published_schema(round_out: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     decision = json.loads((round_out / "decision.json").read_text())

@@ -309,6 +309,7 @@ def test_search_finds_the_best_of_a_large_round():
     assert rows[BEST].expected_utility == max(pinned)
 
 
+@pytest.mark.slow
 def test_search_finds_the_best_even_before_it_was_run():
     # Nobody ran BEST: its prediction leans on minimum-norm interactions, but it is found.
     for seed in range(3):

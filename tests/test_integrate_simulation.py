@@ -57,6 +57,7 @@ def log_counts(log: Path) -> Counter[tuple[str, int]]:
 # --------------------------------------------------------------------------- recovery
 
 
+@pytest.mark.slow
 def test_kitchen_sink_recovers_the_best_subset_and_every_reason(tmp_path: Path) -> None:
     scenario = kitchen_sink(seed=0, noise=0.1)
     log = tmp_path / "runs.log"
@@ -180,6 +181,7 @@ def two_gains_and_nulls(noise: float, small_gain: float = 0.0) -> Scenario:
     )
 
 
+@pytest.mark.slow
 def test_nulls_are_never_kept_and_every_verdict_has_evidence(tmp_path: Path) -> None:
     for seed in (11, 12):
         scenario = two_gains_and_nulls(noise=0.1)
@@ -206,6 +208,7 @@ def test_nulls_are_never_kept_and_every_verdict_has_evidence(tmp_path: Path) -> 
         assert d.confirmation.levels[-1] == pytest.approx(1 - 0.75 * 0.05)
 
 
+@pytest.mark.slow
 def test_a_real_but_small_gain_is_shelved_as_too_small(tmp_path: Path) -> None:
     """delta's gain (0.15, significant at this noise) is below the round's min_effect (0.4)."""
     scenario = two_gains_and_nulls(noise=0.05, small_gain=0.15)
@@ -218,6 +221,7 @@ def test_a_real_but_small_gain_is_shelved_as_too_small(tmp_path: Path) -> None:
     assert d.shelved["delta"].endswith("below min_effect 0.4 utility")
 
 
+@pytest.mark.slow
 def test_too_few_runs_leave_a_verdict_undecided_and_more_runs_decide_it(tmp_path: Path) -> None:
     """At this noise 45 runs cannot settle a 1-sd gain: it is undecided, with the runs that
     would settle it, never "no measurable gain". Twice the runs decide it, and rightly."""
@@ -235,6 +239,7 @@ def test_too_few_runs_leave_a_verdict_undecided_and_more_runs_decide_it(tmp_path
     assert set(big.selected) == {"alpha", "beta"}
 
 
+@pytest.mark.slow
 def test_a_guardrail_is_judged_on_the_final_recipe(tmp_path: Path) -> None:
     """fast and lean each keep 94% of speed (guardrail: 90%): either alone is fine, both
     together keep 88%. Neither is shelved for its own cost; the recipe with both is refused."""
@@ -297,9 +302,8 @@ def read_decision(out: Path) -> DecisionRecord:
     return DecisionRecord.model_validate_json((out / "decision.json").read_text())
 
 
-@pytest.mark.parametrize(
-    "kill_after", [7, pytest.param(40, marks=pytest.mark.slow)], ids=["screening", "confirmation"]
-)
+@pytest.mark.parametrize("kill_after", [7, 40], ids=["screening", "confirmation"])
+@pytest.mark.slow
 def test_resume_after_sigkill_same_decision_no_run_repeated(
     tmp_path: Path, reference: DecisionRecord, kill_after: int
 ) -> None:
@@ -326,6 +330,7 @@ def test_resume_after_sigkill_same_decision_no_run_repeated(
     assert not list((out / "runs").glob(".*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_second_round_reuses_every_run_of_the_first(
     tmp_path: Path, reference: DecisionRecord
 ) -> None:
@@ -347,6 +352,7 @@ def test_a_second_round_reuses_every_run_of_the_first(
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_round_goes_on_past_crashes_hangs_and_missing_metrics(tmp_path: Path) -> None:
     scenario = Scenario(
         contributions={
@@ -387,6 +393,7 @@ def test_budget_below_the_screening_design_is_refused(tmp_path: Path) -> None:
         integrate(round_file, tmp_path / "out", console=quiet())
 
 
+@pytest.mark.slow
 def test_a_guardrail_that_holds_costs_no_baseline_runs_at_later_looks(tmp_path: Path) -> None:
     """Whether a next look needs the baseline depends on the guardrails after this look.
 

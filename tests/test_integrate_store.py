@@ -142,6 +142,7 @@ def _claim_all(url: str, barrier: Any, results: Any) -> None:
     results.put(mine)
 
 
+@pytest.mark.slow
 def test_concurrent_claims_never_share_a_run(url: str) -> None:
     with RunStore(url) as store:
         keys = {ask(store, f"h{i}").key for i in range(40)}

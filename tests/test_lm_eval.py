@@ -301,6 +301,7 @@ def test_bundled_data_is_stacklabs_own_held_out_problems() -> None:
         assert gen.split_of(problem) == "eval"
 
 
+@pytest.mark.slow
 def test_cli_runs_the_bundled_tasks_and_matches_the_adapter(
     lm_eval, run: Path, tmp_path: Path, capsys
 ) -> None:

@@ -31,6 +31,8 @@ from integrate_sim.scenarios import Scenario, write_round
 from stacklab.integrate.engine import RoundResult, integrate
 from test_integrate_engine import REPORT_SECTIONS
 
+pytestmark = pytest.mark.slow  # starts Chromium (seconds)
+
 CHROMIUM = os.environ.get("STACKLAB_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("STACKLAB_REQUIRE_BROWSER") == "1"
 ARGS = [

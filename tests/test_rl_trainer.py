@@ -278,6 +278,7 @@ def test_kl_to_the_reference_is_logged_and_zero_at_the_start(tok, monkeypatch) -
 # --------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_train_rl_writes_a_model_and_resumes_bit_exactly(tmp_path: Path, tok) -> None:
     """Real sampling from a tiny model: 3 steps straight vs 2 steps, then resumed to 3."""
     base = tmp_path / "base"

@@ -162,6 +162,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_and_resume_drops_the_lost_steps
     assert resumed["pretrain/loss"] == tb_scalars(acc)["pretrain/loss"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_every_logged_metric(tmp_path: Path) -> None:
     need("wandb")
     shards = make_shards(tmp_path / "shards")
@@ -332,6 +333,7 @@ def test_trackers_change_no_hash_stage_key_or_run_identity(tmp_path: Path) -> No
 # --------------------------------------------------------------------------- rounds
 
 
+@pytest.mark.slow
 def test_round_logs_every_finished_run_tagged_with_subset_and_seed(tmp_path: Path) -> None:
     need("tensorboard")
     round_file = write_round(
@@ -360,6 +362,7 @@ def test_round_logs_every_finished_run_tagged_with_subset_and_seed(tmp_path: Pat
     assert all(s.startswith("c-") for run in done for s in run.subset)  # blind ids only
 
 
+@pytest.mark.slow
 def test_round_tracker_wandb_runs_and_a_failing_backend(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

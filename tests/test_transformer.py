@@ -198,6 +198,7 @@ def test_the_model_needs_its_own_config() -> None:
         build_model(ModelConfig(depth=1), V)  # the recipe's section, not the model's config
 
 
+@pytest.mark.slow
 def test_the_model_package_does_not_import_the_recipe() -> None:
     """The model is a library (export, chat, serving load it without a recipe): importing
     every module of `stacklab.model` must not import `stacklab.recipe`, even indirectly."""

@@ -28,6 +28,8 @@ from stacklab.train.checkpoint import load_model, write_model
 from stacklab.train.sft import sft
 from stacklab.train.sft_data import task_conversations
 
+pytestmark = pytest.mark.slow  # importing verifiers takes seconds
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "verifiers_env.py"
 NAME = f"verifiers:{EXAMPLE}:load_environment"
 TASK = ArithmeticTask(ops=["+"], min_digits=1, max_digits=1, eval_fraction=0.2)
@@ -248,7 +250,6 @@ def rl_recipe() -> Recipe:
     return recipe
 
 
-@pytest.mark.slow
 def test_rl_trains_on_the_verifiers_env_and_eval_reports_its_rubric(
     vf, example, tok, sft_base, tmp_path, monkeypatch, one_thread
 ) -> None:
