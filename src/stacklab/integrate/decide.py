@@ -25,6 +25,7 @@ from stacklab.integrate.record import (
     Estimate,
     EvidenceItem,
     GuardrailCheck,
+    GuardrailRecord,
     GuardState,
     InteractionEvidence,
     Kind,
@@ -211,7 +212,7 @@ class Evidence:
             )
             if c.state == "open":
                 self.notes.append(
-                    f"guardrail on {g.metric} ({_guard_text(g)}) undecided for the final recipe: "
+                    f"guardrail on {g.metric} ({guard_rule(g)}) undecided for the final recipe: "
                     f"{_guard_state_text(c)}"
                 )
         return out
@@ -286,7 +287,7 @@ class Evidence:
                 "shelved",
                 "guardrail",
                 (
-                    f"regresses {metric} beyond its guardrail ({_guard_text(g)}) in "
+                    f"regresses {metric} beyond its guardrail ({guard_rule(g)}) in "
                     "combination: the final recipe with it breaks the guardrail"
                 ),
                 [x for x in (tested, alone) if x],
@@ -298,7 +299,7 @@ class Evidence:
                     "shelved",
                     "guardrail",
                     (
-                        f"regresses {g.metric} beyond its guardrail ({_guard_text(g)}): "
+                        f"regresses {g.metric} beyond its guardrail ({guard_rule(g)}): "
                         f"{_margin_text(g)} {check.interval.text()} alone, below 0 "
                         f"({len(check.seeds)} seeds)"
                     ),
@@ -475,7 +476,8 @@ class Evidence:
         return rows
 
 
-def _guard_text(g: Guardrail) -> str:
+def guard_rule(g: Guardrail | GuardrailRecord) -> str:
+    """A guardrail as written in the round file, in words."""
     if g.kind == "ratio":
         op = ">=" if g.direction == "max" else "<="
         return f"{op} {g.threshold:g} x baseline"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stacklab.fileio import write_atomic
+from stacklab.integrate.decide import guard_rule
 from stacklab.integrate.record import (
     Agreement,
     ComparisonEvidence,
@@ -25,7 +26,6 @@ from stacklab.integrate.record import (
     DecisionRecord,
     EvidenceItem,
     FilesCode,
-    GuardrailRecord,
     LadderRecord,
     LrCurve,
     LrTuning,
@@ -528,17 +528,6 @@ def _pairs(mapping: Mapping[str, str], words: Mapping[str, str]) -> str:
     return "; ".join(f"{k}: {words.get(v, v)}" for k, v in mapping.items()) or "\u2014"
 
 
-def _guard_rule(g: GuardrailRecord) -> str:
-    """A guardrail as written in the round file, in words."""
-    if g.kind == "ratio":
-        op = ">=" if g.direction == "max" else "<="
-        return f"{op} {g.threshold:g} x baseline"
-    worse, better = ("fall", "rise") if g.direction == "max" else ("rise", "fall")
-    if g.threshold <= 0:
-        return f"may {worse} at most {abs(g.threshold):g}"
-    return f"must {better} at least {g.threshold:g}"
-
-
 def _guardrail_section(d: DecisionRecord) -> str:
     """Each guardrail judged on the recipe that would ship, against the baseline."""
     e = html.escape
@@ -550,7 +539,7 @@ def _guardrail_section(d: DecisionRecord) -> str:
         return "<p class='muted'>No guardrail was checked: no final recipe to check.</p>"
     rows = "".join(
         f"<tr><td>{e(c.metric)}</td>"
-        f"<td>{e(_guard_rule(rules[c.metric]) if c.metric in rules else '')}</td>"
+        f"<td>{e(guard_rule(rules[c.metric]) if c.metric in rules else '')}</td>"
         f"<td class='{e(c.state)}'>{e(c.state)}</td>"
         f"<td class='num'>{fmt(*c.margin)}</td>"
         f"<td class='num'>{_pct(c.level)}</td>"
