@@ -66,6 +66,7 @@ from stacklab.errors import StacklabError
 from stacklab.model.generation import eval_mode, generate
 from stacklab.model.transformer import Transformer
 from stacklab.train.checkpoint import load_model, run_model_dir
+from stacklab.train.distributed import local_device
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ class StacklabLM(LM):
         if tokenizer is None:
             raise ValueError("StacklabLM(model=...) needs its tokenizer too")
         assert model is not None
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        self._device = local_device() if device is None else torch.device(device)
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.run = run

@@ -15,8 +15,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from stacklab.data.tokenizer import load_tokenizer
 from stacklab.evals.episodes import grade_chat_tasks, pass_at_k_metrics, run_agents
 from stacklab.evals.objectives import (
@@ -29,6 +27,7 @@ from stacklab.fileio import atomic_open
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.recipe import Recipe, load_recipe
 from stacklab.train.checkpoint import final_model_dir, load_model
+from stacklab.train.distributed import local_device
 
 COMPLETIONS = "completions.jsonl"
 AGENT_EPISODES = "agent_episodes.jsonl"
@@ -36,7 +35,7 @@ AGENT_EPISODES = "agent_episodes.jsonl"
 
 def evaluate(recipe: Recipe, inputs: dict[str, Path], out: Path | None = None) -> Metrics:
     """Every objective of the build's final model; completions and episodes into `out`."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     model_dir = final_model_dir(inputs)
     model = load_model(model_dir).to(device)
     tok = load_tokenizer(inputs["tokenizer"])

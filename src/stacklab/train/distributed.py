@@ -56,22 +56,27 @@ class World:
         return self.world_size > 1
 
 
+def local_device() -> torch.device:
+    """The one device rule of every stage and of evaluation: this process's GPU (torchrun's
+    LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_distributed() -> World:
     """The world torchrun set up (or a world of one), with the process group joined once."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return World(rank, world_size, local_rank, device)
+    return World(rank, world_size, int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 def single_process(stage: str) -> World:
