@@ -184,13 +184,13 @@ def test_stopping_the_coordinator_kills_running_trainers(tmp_path: Path) -> None
     start = time.monotonic()
     try:
         outcomes.close()  # what a KeyboardInterrupt in the coordinator does to the generator
-        # The trainer would sleep 120 s: dying within 30 s can only be the cancellation; the
-        # margin is for a loaded machine.
-        assert wait_for(lambda: not alive(pid), 30), "the trainer outlived its cancelled task"
+        # The trainer would sleep 120 s: dying within 60 s can only be the cancellation; the
+        # margin is for a loaded machine (30 s was once too short with other jobs running).
+        assert wait_for(lambda: not alive(pid), 60), "the trainer outlived its cancelled task"
     finally:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)  # when failing, do not leave it running either
-    assert time.monotonic() - start < 40
+    assert time.monotonic() - start < 70
     # The stopped run failed like any other, its logs kept; no temporary folder is left.
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["quick", "slow.failed", "trainer.pid"]
