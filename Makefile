@@ -3,7 +3,7 @@
 #   make test      create .venv, install, run the fast tests: every test not marked slow
 #                  (about a minute on 2 CPU cores)
 # and more, with the same set-up:
-#   make test-all  every test, the slow end-to-end ones included (tens of minutes; what CI
+#   make test-all  every test, the slow end-to-end ones included (10-15 minutes; what CI
 #                  runs: .ci/run)
 #   make bench     the CPU benchmark suite (about 8 minutes), one table
 #   make lint      ruff check and ruff format --check
