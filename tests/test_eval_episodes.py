@@ -403,8 +403,12 @@ def test_eval_stage_evaluates_the_newest_final_model(
     }
     assert len(set(bpb.values())) == 3  # the models tell apart
     assert metrics["val_bpb"] == bpb[newest]
+    # The models of the stages before, on the same held-out batches.
+    per_stage = {f"{name}/val_bpb": bpb[name] for name in ("pretrain", "sft") if name in stages}
+    assert {k: v for k, v in metrics.items() if k.endswith("/val_bpb")} == per_stage
     assert metrics["task_acc/arithmetic"] == (0.0 if newest == "pretrain" else 1.0)
-    assert set(metrics) == {"val_bpb", "task_acc/arithmetic", "task_baseline/arithmetic"}
+    keys = {"val_bpb", "task_acc/arithmetic", "task_baseline/arithmetic", *per_stage}
+    assert set(metrics) == keys
     assert not (tmp_path / AGENT_EPISODES).exists()  # no agent envs, no episodes file
 
 
@@ -474,6 +478,8 @@ def test_eval_stage_plays_agents_and_writes_episodes(
     }
     assert set(metrics) == {
         "val_bpb",
+        "pretrain/val_bpb",
+        "sft/val_bpb",
         "task_acc/arithmetic",
         "task_baseline/arithmetic",
         *(f"{key}/calculator" for key in KEYS),

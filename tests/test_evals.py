@@ -219,7 +219,13 @@ def test_eval_stage_and_evaluate_run(tmp_path: Path, tok, shard_dir) -> None:
     inputs = {name: run / name for name in EVAL_STAGE.deps}
 
     metrics = evaluate(recipe, inputs, tmp_path)
-    assert set(metrics) == {"val_bpb", "task_acc/arithmetic", "task_baseline/arithmetic"}
+    assert set(metrics) == {
+        "val_bpb",
+        "pretrain/val_bpb",
+        "task_acc/arithmetic",
+        "task_baseline/arithmetic",
+    }
+    assert metrics["pretrain/val_bpb"] == metrics["val_bpb"]  # the same model, measured once
     assert 0 < metrics["val_bpb"] < 2 * math.log2(tok.get_vocab_size())
     lines = (tmp_path / COMPLETIONS).read_text().splitlines()
     assert len(lines) == 6

@@ -48,6 +48,9 @@ def test_build_runs_every_stage_and_shares_the_prefix(tmp_path: Path) -> None:
     assert m["sft/steps"] == 4 and m["sft/conversations"] == 40
     assert m["rl/steps"] == 2 and 0 <= m["rl/final_reward"] <= 1
     assert {"task_acc/arithmetic", "pass@1/arithmetic", "pass@2/arithmetic"} <= set(m)
+    # val_bpb of every trained stage's model, the final (RL) one's as before.
+    assert {"val_bpb", "pretrain/val_bpb", "sft/val_bpb"} <= set(m) and "rl/val_bpb" not in m
+    assert m["pretrain/val_bpb"] != m["sft/val_bpb"]  # (2 RL steps barely move the model)
     assert (tmp_path / "run" / "rl" / "final" / "model.safetensors").is_file()
     # The eval asked in the chat format (the model was post-trained).
     row = json.loads((tmp_path / "run" / "eval" / "completions.jsonl").read_text().split("\n")[0])
@@ -68,3 +71,16 @@ def test_build_runs_every_stage_and_shares_the_prefix(tmp_path: Path) -> None:
     assert {s.name: s.cached for s in sft_only.stages}["sft"] is True
     assert not (tmp_path / "run3" / "rl" / "final").exists()
     assert "rl/steps" not in sft_only.metrics and "task_acc/arithmetic" in sft_only.metrics
+    assert sft_only.metrics["sft/val_bpb"] == sft_only.metrics["val_bpb"] == m["sft/val_bpb"]
+    assert sft_only.metrics["pretrain/val_bpb"] == m["pretrain/val_bpb"]
+
+    # Pretraining text mixed into SFT: the stage reads the shards; pretraining is shared.
+    mixed = load_recipe(
+        small_recipe(tmp_path, sections), ["rl.enabled=false", "sft.pretrain_mix=0.25"]
+    )
+    mix = build(mixed, tmp_path / "run4", STAGES, cache)
+    assert {s.name: s.cached for s in mix.stages}["pretrain"] is True
+    assert {s.name: s.cached for s in mix.stages}["sft"] is False
+    assert mix.metrics["sft/pretrain_rows"] == 1 and mix.metrics["sft/final_lm_loss"] > 0
+    assert mix.metrics["pretrain/val_bpb"] == m["pretrain/val_bpb"]
+    assert mix.metrics["sft/val_bpb"] == mix.metrics["val_bpb"] != m["sft/val_bpb"]

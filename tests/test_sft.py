@@ -10,12 +10,14 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from helpers import random_shards
 from stacklab.data.chat import render_chat
+from stacklab.data.shards import open_split
 from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import train_tokenizer
 from stacklab.envs.suite import demonstrations
 from stacklab.errors import DataError, StacklabError
-from stacklab.model.transformer import build_model
+from stacklab.model.transformer import Transformer, build_model
 from stacklab.recipe import (
     ArithmeticTask,
     ModelConfig,
@@ -36,8 +38,11 @@ from stacklab.train.sft import (
     sft_conversations,
     sft_fingerprint,
     sft_optim,
+    window_indices,
 )
 from stacklab.train.sft_data import (
+    IGNORE,
+    PretrainWindows,
     load_conversations,
     pack_sft,
     small_task_conversations,
@@ -350,7 +355,7 @@ def test_stage_config_tracks_what_changes_the_model(tmp_path) -> None:
     # User files are covered by content (the fingerprint), not by their path.
     path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
     assert SFT_STAGE.config(tiny_recipe(data=[path])) == base_cfg
-    assert SFT_STAGE.name == "sft" and SFT_STAGE.deps == ("tokenizer", "pretrain")
+    assert SFT_STAGE.name == "sft" and SFT_STAGE.deps == ("tokenizer", "shards", "pretrain")
     assert SFT_STAGE.resumable
 
 
@@ -532,3 +537,150 @@ def test_an_easy_phase_without_tasks_or_small_problems_is_refused() -> None:
         Recipe.model_validate(
             {"data": {"tasks": [{"kind": "arithmetic", "min_digits": 2}]}, "sft": sft_cfg}
         )
+
+
+# --------------------------------------------------------------------------- pretraining mix
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A train split of random documents in rows of 16 + 1 tokens (ids below the vocab)."""
+    return random_shards(tmp_path_factory.mktemp("shards"), vocab=64, seq_len=16, seed=2)
+
+
+def token_stream(shard_dir: Path) -> list[int]:
+    """The packed stream the train rows were cut from: consecutive rows share one token."""
+    split = open_split(shard_dir, "train")
+    rows = split.rows(range(split.num_rows)).tolist()
+    return rows[0] + [t for row in rows[1:] for t in row[1:]]
+
+
+@pytest.mark.parametrize(("seq_len", "rows_per_window"), [(10, 1), (16, 1), (32, 2), (40, 3)])
+def test_pretrain_windows_are_spans_of_the_stream(shards, seq_len, rows_per_window) -> None:
+    """Shorter SFT rows crop one shard row, longer ones join consecutive rows; either way a
+    window is an unbroken span of the pretraining stream, every target trained."""
+    windows = PretrainWindows(shards, seq_len)
+    n_rows = open_split(shards, "train").num_rows
+    assert windows.rows_per_window == rows_per_window
+    assert windows.count == n_rows // rows_per_window
+    stream = token_stream(shards)
+    picked = torch.tensor([0, 3, windows.count - 1, 3])
+    inputs, targets = windows.batch(picked)
+    assert inputs.shape == targets.shape == (4, seq_len) and inputs.dtype == torch.int64
+    for row, j in enumerate(picked.tolist()):
+        start = j * rows_per_window * 16
+        span = stream[start : start + seq_len + 1]
+        assert inputs[row].tolist() == span[:-1] and targets[row].tolist() == span[1:]
+    assert (targets != IGNORE).all()
+
+
+def test_pretrain_windows_need_one_window_of_rows(shards) -> None:
+    with pytest.raises(DataError, match="too few for one window of 100000"):
+        PretrainWindows(shards, 100_000)
+
+
+def test_window_order_is_its_own_and_a_function_of_seed_and_step() -> None:
+    a = torch.cat([window_indices(50, 4, s, seed=5) for s in range(25)]).tolist()
+    assert sorted(a[:48]) == sorted(set(a[:48])) and set(a[:50]) == set(range(50))
+    assert a == torch.cat([window_indices(50, 4, s, seed=5) for s in range(25)]).tolist()
+    assert a != torch.cat([window_indices(50, 4, s, seed=6) for s in range(25)]).tolist()
+    assert a[:4] != batch_indices(50, 4, 0, seed=5).tolist()  # not the chat rows' order
+
+
+def record_forwards(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (inputs, targets) the model is trained on, in order."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = Transformer.forward
+
+    def spy(self, inputs, targets=None, **kwargs):
+        calls.append((inputs.clone(), targets.clone()))
+        return forward(self, inputs, targets, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    return calls
+
+
+def test_pretrain_mix_takes_its_share_of_every_batch(tok, base, shards, tmp_path, monkeypatch):
+    """batch_size 4, pretrain_mix 0.25: each step trains 3 chat rows (the chat order at 3
+    rows a step), then 1 pretraining window (the windows' order); both losses are logged."""
+    recipe = tiny_recipe(batch_size=4, pretrain_mix=0.25)
+    calls = record_forwards(monkeypatch)
+    metrics = sft(recipe, tok, base, tmp_path, shards)
+    monkeypatch.undo()
+    schedule, windows = Schedule(recipe, tok), PretrainWindows(shards, 32)
+    assert len(calls) == 2 * 6
+    for step in range(6):
+        (chat_in, chat_tg), (lm_in, lm_tg) = calls[2 * step : 2 * step + 2]
+        idx = schedule.batch(step, 3, seed=5)
+        assert torch.equal(chat_in, schedule.rows.inputs[idx])
+        assert torch.equal(chat_tg, schedule.rows.targets[idx])
+        expected = windows.batch(window_indices(windows.count, 1, step, seed=5))
+        assert torch.equal(lm_in, expected[0]) and torch.equal(lm_tg, expected[1])
+    assert metrics["sft/pretrain_rows"] == 1
+    records = log(tmp_path)
+    assert all(set(r) == {"step", "loss", "lr", "grad_norm", "lm_loss"} for r in records)
+    assert metrics["sft/final_lm_loss"] == round(sum(r["lm_loss"] for r in records[-5:]) / 5, 5)
+    assert metrics["sft/final_loss"] == round(sum(r["loss"] for r in records[-5:]) / 5, 5)
+
+
+def test_pretrain_mix_zero_trains_as_before(tok, base, shards, tmp_path, monkeypatch) -> None:
+    """Without a mix the shards are not read and the batches and losses are SFT's alone;
+    the stage key carries no trace of the option."""
+    calls = record_forwards(monkeypatch)
+    with_shards = sft(tiny_recipe(), tok, base, tmp_path / "a", shards)
+    n = len(calls)
+    without = sft(tiny_recipe(pretrain_mix=0.0), tok, base, tmp_path / "b")
+    assert n == 6 and len(calls) == 12
+    first, second = torch.cat([c[0] for c in calls[:6]]), torch.cat([c[0] for c in calls[6:]])
+    assert torch.equal(first, second)
+    first, second = torch.cat([c[1] for c in calls[:6]]), torch.cat([c[1] for c in calls[6:]])
+    assert torch.equal(first, second)
+    assert log(tmp_path / "a") == log(tmp_path / "b")
+    assert {k: v for k, v in with_shards.items() if k != "sft/seconds"} == {
+        k: v for k, v in without.items() if k != "sft/seconds"
+    }
+    assert "pretrain_mix" not in json.dumps(SFT_STAGE.config(tiny_recipe()))
+    assert SFT_STAGE.config(tiny_recipe(pretrain_mix=0.25)) != SFT_STAGE.config(tiny_recipe())
+
+
+def test_pretrain_mix_without_shards_is_refused(tok, base, tmp_path) -> None:
+    with pytest.raises(StacklabError, match="pretrain_mix needs the shards"):
+        sft(tiny_recipe(batch_size=4, pretrain_mix=0.25), tok, base, tmp_path)
+
+
+def test_mixed_sft_resumes_bit_exactly(tok, base, shards, tmp_path, monkeypatch) -> None:
+    recipe = tiny_recipe(batch_size=4, pretrain_mix=0.5)
+    sft(recipe, tok, base, tmp_path / "clean", shards)
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_crash(root, step, *args, **kwargs):
+        real_save(root, step, *args, **kwargs)
+        if step == 4:
+            raise Crash
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        sft(recipe, tok, base, tmp_path / "crashed", shards)
+    monkeypatch.undo()
+    sft(recipe, tok, base, tmp_path / "crashed", shards)
+    assert log(tmp_path / "crashed") == log(tmp_path / "clean")
+    assert [r["step"] for r in log(tmp_path / "crashed")] == [1, 2, 3, 4, 5, 6]
+    a, b = final_weights(tmp_path / "clean"), final_weights(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("mix", "batch_size", "message"),
+    [
+        (1.0, 8, r"pretrain_mix\n.*less than 1"),
+        (-0.1, 8, r"pretrain_mix\n.*greater than or equal to 0"),
+        (0.05, 8, r"sft\.pretrain_mix 0\.05 of sft\.batch_size 8 is 0 rows.*0\.125 to 0\.875"),
+        (0.95, 8, r"is 8 rows a batch"),
+    ],
+)
+def test_an_out_of_range_pretrain_mix_is_refused(mix, batch_size, message) -> None:
+    fields = {"enabled": True, "batch_size": batch_size, "pretrain_mix": mix}
+    with pytest.raises(ValidationError, match=message):
+        SFTConfig.model_validate(fields)
+    assert SFTConfig.model_validate({**fields, "pretrain_mix": 0.25}).pretrain_rows == 2
+    assert SFTConfig.model_validate({**fields, "pretrain_mix": 0.3}).pretrain_rows == 2

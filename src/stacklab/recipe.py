@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -455,8 +456,34 @@ class SFTConfig(Section):
         description="in order, steps adding up to sft.steps, each on some sources only; "
         "empty: every step on every source",
     )
+    pretrain_mix: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each batch's rows that are windows of the pretraining train "
+        "split (plain next-token loss on every token), so SFT keeps what pretraining learned; "
+        "round(pretrain_mix × batch_size) rows",
+    )
     ckpt_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+
+    @property
+    def pretrain_rows(self) -> int:
+        """Rows of each batch taken from the pretraining text (the rest are chat rows)."""
+        return math.floor(self.pretrain_mix * self.batch_size + 0.5)
+
+    @model_validator(mode="after")
+    def _mix_fits(self) -> SFTConfig:
+        if not self.pretrain_mix or not self.enabled:
+            return self
+        rows = self.pretrain_rows
+        if not 1 <= rows < self.batch_size:
+            raise ValueError(
+                f"sft.pretrain_mix {self.pretrain_mix} of sft.batch_size {self.batch_size} is "
+                f"{rows} rows a batch: a batch needs at least one row of each kind (shares "
+                f"{1 / self.batch_size:.3g} to {1 - 1 / self.batch_size:.3g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _phases_fit(self) -> SFTConfig:

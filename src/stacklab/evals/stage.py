@@ -7,6 +7,13 @@ chat turn after SFT or RL. It reads only its inputs' files, so the same function
 finished run directory (`evaluate_run`), whose stage links point at exactly those outputs.
 Besides the metrics it writes `completions.jsonl` (every task problem with the model's answer
 and its grade) and, with agent environments, `agent_episodes.jsonl` (every conversation).
+
+`val_bpb` is also reported for the models the build trained on the way: `pretrain/val_bpb`
+always and `sft/val_bpb` when SFT ran, on the same held-out batches by the same function, so
+they are comparable and show what each post-training stage did to the language model.
+They are computed here rather than in the training stages so that the eval settings stay out
+of the training stages' cache keys (a new `eval.val_batches` retrains nothing); a stage's
+model that is the final one is not evaluated twice.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from stacklab.evals.objectives import (
     val_bpb,
 )
 from stacklab.fileio import atomic_open
+from stacklab.model.transformer import Transformer
 from stacklab.pipeline import Metrics, Stage, StageContext
 from stacklab.recipe import Recipe, load_recipe
-from stacklab.train.checkpoint import final_model_dir, load_model
+from stacklab.train.checkpoint import MODEL_FILE, final_model_dir, load_model
 from stacklab.train.distributed import local_device
 
 COMPLETIONS = "completions.jsonl"
 AGENT_EPISODES = "agent_episodes.jsonl"
+STAGE_BPB = ("pretrain", "sft")  # `<stage>/val_bpb` of these stages' final models
 
 
 def evaluate(recipe: Recipe, inputs: dict[str, Path], out: Path | None = None) -> Metrics:
@@ -42,9 +51,16 @@ def evaluate(recipe: Recipe, inputs: dict[str, Path], out: Path | None = None) -
     cfg = recipe.eval
     post_trained = model_dir != Path(inputs["pretrain"]) / "final"
     chat = cfg.task_format == "chat" or (cfg.task_format == "auto" and post_trained)
-    metrics: Metrics = {
-        "val_bpb": round(val_bpb(model, inputs["shards"], tok, cfg.batch_size, cfg.val_batches), 6)
-    }
+
+    def bpb(model: Transformer) -> float:
+        return round(val_bpb(model, inputs["shards"], tok, cfg.batch_size, cfg.val_batches), 6)
+
+    metrics: Metrics = {"val_bpb": bpb(model)}
+    for stage in STAGE_BPB:
+        if (stage_dir := Path(inputs[stage]) / "final") == model_dir:
+            metrics[f"{stage}/val_bpb"] = metrics["val_bpb"]
+        elif (stage_dir / MODEL_FILE).is_file():
+            metrics[f"{stage}/val_bpb"] = bpb(load_model(stage_dir).to(device))
     tasks = recipe.data.tasks
     if chat:
         graded = grade_chat_tasks(

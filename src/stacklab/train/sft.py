@@ -12,18 +12,27 @@ The data (`sft_conversations`) is three kinds of conversation, all in the chat f
 (`Schedule`). They are packed into rows by `pack_sft`, whose targets are -100 everywhere but
 on assistant tokens: the loss never trains on prompts, system text or tool responses.
 
+`sft.pretrain_mix` mixes pretraining text back in: that share of each batch's rows are
+windows of the shards' train split (`PretrainWindows`), trained with the plain next-token
+loss on every token. Chat-only SFT overwrites what pretraining learned (the eval stage's
+`pretrain/val_bpb` and `sft/val_bpb` show how much); replaying pretraining data during
+fine-tuning is the remedy of InstructGPT's PPO-ptx (Ouyang et al. 2022).
+
 Training is AdamW with warmup and cosine decay, in the `Trainer`'s loop (trainer.py): this
 module is SFT's `TrainModule`. Batch `s` is a pure function of the seed and the step (a seeded
-permutation of the rows per epoch), so a checkpoint needs only the weights, the optimizer, the
-scheduler and the random states, and a killed run resumes bit-exactly like pretraining does.
+permutation of the rows per epoch, and one of the pretraining windows), so a checkpoint needs
+only the weights, the optimizer, the scheduler and the random states, and a killed run resumes
+bit-exactly like pretraining does.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -40,6 +49,7 @@ from stacklab.train.checkpoint import load_model, seed_everything
 from stacklab.train.optim import build_optimizer
 from stacklab.train.schedule import build_scheduler
 from stacklab.train.sft_data import (
+    PretrainWindows,
     SFTRows,
     concat_rows,
     load_conversations,
@@ -147,18 +157,53 @@ def sft_optim(cfg: SFTConfig) -> OptimConfig:
 
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Row indices of 0-based `step`: consecutive slices of one seeded permutation per epoch."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
+
+    def permutation(epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+        return torch.randperm(n_rows, generator=generator).tolist()
+
+    return _epoch_slices(n_rows, batch_size, step, permutation)
+
+
+WINDOW_STREAM = 1  # tags the windows' order apart from the pretraining loader's (seed, epoch)
+
+
+def window_indices(n_windows: int, n: int, step: int, seed: int) -> torch.Tensor:
+    """The pretraining windows of 0-based `step`, as `batch_indices` slices rows, but in an
+    order of their own: numpy's generator seeded by (seed, `WINDOW_STREAM`, epoch). (Torch's
+    CPU generator keeps only 32 bits of its seed, so an offset added to the chat order's seed
+    could fall back on the same order.)"""
+
+    def permutation(epoch: int) -> list[int]:
+        rng = np.random.default_rng([seed, WINDOW_STREAM, epoch])
+        return rng.permutation(n_windows).tolist()
+
+    return _epoch_slices(n_windows, n, step, permutation)
+
+
+def _epoch_slices(
+    n_rows: int, n: int, step: int, permutation: Callable[[int], list[int]]
+) -> torch.Tensor:
+    """Indices `step·n .. step·n + n - 1` of the endless stream of one permutation of
+    `n_rows` per epoch (`permutation(epoch)`)."""
+    start = step * n
+    out: list[int] = []
+    while len(out) < n:
         epoch, offset = divmod(start + len(out), n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out += perm[offset : offset + batch_size - len(out)].tolist()
+        out += permutation(epoch)[offset : offset + n - len(out)]
     return torch.tensor(out)
 
 
-def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Metrics:
+def sft(
+    recipe: Recipe,
+    tokenizer: Tokenizer,
+    base: Path,
+    work_dir: Path,
+    shards: Path | None = None,
+) -> Metrics:
     """Fine-tune the model saved in `base`; checkpoints, `metrics.jsonl` and `final/` in
-    `work_dir`. Resumes from the newest checkpoint there."""
+    `work_dir`. Resumes from the newest checkpoint there. `shards` (the shards stage's
+    folder) is read only with `sft.pretrain_mix`."""
     cfg = recipe.sft
     world = D.single_process("sft")
     work_dir = Path(work_dir)
@@ -169,11 +214,16 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
             f"sft.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model.cfg.max_seq_len})"
         )
     schedule = Schedule(recipe, tokenizer)
+    windows = None
+    if cfg.pretrain_rows:
+        if shards is None:
+            raise StacklabError("sft.pretrain_mix needs the shards stage's folder")
+        windows = PretrainWindows(shards, cfg.seq_len)
     optim_cfg = sft_optim(cfg)
     seed_everything(recipe.seed)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
-    module = SFTModule(model, schedule, cfg, recipe.seed, world.device)
+    module = SFTModule(model, schedule, cfg, recipe.seed, world.device, windows)
     loop = Loop(cfg.steps, cfg.log_every, cfg.ckpt_every, cfg.grad_clip)
     trainer = Trainer(
         module, model, optimizer, scheduler, loop, work_dir=work_dir, world=world, recipe=recipe
@@ -182,7 +232,17 @@ def sft(recipe: Recipe, tokenizer: Tokenizer, base: Path, work_dir: Path) -> Met
 
 
 class SFTModule(TrainModule):
-    """SFT's steps: one batch of packed rows (`Schedule`), loss on assistant tokens only."""
+    """SFT's steps: one batch of packed rows (`Schedule`), loss on assistant tokens only.
+
+    With `windows` (`sft.pretrain_mix`), `cfg.pretrain_rows` of the batch's rows are
+    pretraining windows instead, and the step's loss is `(1 - w) · chat loss + w · LM loss`
+    with `w` their share of the rows. Each loss is the mean over its own rows' trained
+    tokens: a chat row trains only what the assistant wrote (a few tokens of each short
+    conversation), a window every token, so one mean over the whole batch would give the
+    pretraining rows nearly all of the gradient whatever the share. The two parts go forward
+    and backward one after the other, so the step holds one part's activations at a time.
+    `loss` stays the chat loss (comparable with and without the mix); `lm_loss` is logged too.
+    """
 
     name = "sft"
     hint = "lower sft.lr"
@@ -194,13 +254,17 @@ class SFTModule(TrainModule):
         cfg: SFTConfig,
         seed: int,
         device: torch.device,
+        windows: PretrainWindows | None = None,
     ) -> None:
         self.model, self.schedule, self.cfg = model, schedule, cfg
-        self.seed, self.device = seed, device
-        self._loss = self._grad_norm = torch.zeros(())
+        self.seed, self.device, self.windows = seed, device, windows
+        self._loss = self._lm_loss = self._grad_norm = torch.zeros(())
         self._lr = 0.0
 
     def step(self, step: int, optimizer_step: OptimizerStep) -> None:
+        if self.windows is not None:
+            self._mixed_step(step, optimizer_step, self.windows)
+            return
         rows = self.schedule.rows
         idx = self.schedule.batch(step - 1, self.cfg.batch_size, self.seed)
         inputs, targets = rows.inputs[idx].to(self.device), rows.targets[idx].to(self.device)
@@ -210,13 +274,34 @@ class SFTModule(TrainModule):
         self._grad_norm = optimizer_step(out.loss)
         self._loss = out.loss.detach()
 
+    def _mixed_step(
+        self, step: int, optimizer_step: OptimizerStep, windows: PretrainWindows
+    ) -> None:
+        n_lm = self.cfg.pretrain_rows
+        w = n_lm / self.cfg.batch_size
+        rows = self.schedule.rows
+        idx = self.schedule.batch(step - 1, self.cfg.batch_size - n_lm, self.seed)
+        inputs, targets = rows.inputs[idx].to(self.device), rows.targets[idx].to(self.device)
+        self._lr = optimizer_step.scheduler.get_last_lr()[0]
+        chat = self.model(inputs, targets)
+        ((1 - w) * (chat.loss + chat.aux_loss)).backward()
+        picked = window_indices(windows.count, n_lm, step - 1, self.seed)
+        lm_inputs, lm_targets = windows.batch(picked)
+        lm = self.model(lm_inputs.to(self.device), lm_targets.to(self.device))
+        (w * (lm.loss + lm.aux_loss)).backward()
+        self._grad_norm = optimizer_step((1 - w) * chat.loss.detach() + w * lm.loss.detach())
+        self._loss, self._lm_loss = chat.loss.detach(), lm.loss.detach()
+
     def record(self) -> dict[str, float]:
-        return {"loss": self._loss.item(), "lr": self._lr, "grad_norm": self._grad_norm.item()}
+        record = {"loss": self._loss.item(), "lr": self._lr, "grad_norm": self._grad_norm.item()}
+        if self.windows is not None:
+            record["lm_loss"] = self._lm_loss.item()
+        return record
 
 
 def _summary(run: TrainRun, rows: SFTRows, cfg: SFTConfig) -> Metrics:
     stats = rows.stats()
-    return {
+    metrics: Metrics = {
         "sft/final_loss": run.final("loss"),
         "sft/conversations": stats["conversations"],
         "sft/rows": stats["rows"],
@@ -225,6 +310,10 @@ def _summary(run: TrainRun, rows: SFTRows, cfg: SFTConfig) -> Metrics:
         "sft/seconds": round(run.seconds, 3),
         "sft/steps": cfg.steps,
     }
+    if cfg.pretrain_rows:
+        metrics["sft/final_lm_loss"] = run.final("lm_loss")
+        metrics["sft/pretrain_rows"] = cfg.pretrain_rows
+    return metrics
 
 
 # --------------------------------------------------------------------------- the stage
@@ -234,7 +323,8 @@ def run_sft(ctx: StageContext) -> Metrics:
     if not ctx.recipe.sft.enabled:
         return {}
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"])
-    metrics = sft(ctx.recipe, tokenizer, ctx.inputs["pretrain"] / "final", ctx.out)
+    base = ctx.inputs["pretrain"] / "final"
+    metrics = sft(ctx.recipe, tokenizer, base, ctx.out, ctx.inputs["shards"])
     shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)  # a finished stage never resumes
     return metrics
 
@@ -246,6 +336,8 @@ def sft_config(recipe: Recipe) -> dict[str, Any]:
     for phase in sft["phases"]:  # recipes that do not use it keep their cache keys
         if phase["task_max_digits"] is None:
             del phase["task_max_digits"]
+    if not sft["pretrain_mix"]:  # likewise
+        del sft["pretrain_mix"]
     return {
         "sft": sft,
         "tasks": [t.model_dump(mode="json") for t in recipe.data.tasks],
@@ -260,10 +352,12 @@ def sft_fingerprint(recipe: Recipe) -> list[str]:
     return [file_fingerprint(path, "sft.data") for path in recipe.sft.data]
 
 
+# `shards` is read only with `sft.pretrain_mix`. As an input it adds nothing to the key that
+# `pretrain`'s key does not already cover (pretraining reads the same shards).
 SFT_STAGE = Stage(
     "sft",
     1,
-    ("tokenizer", "pretrain"),
+    ("tokenizer", "shards", "pretrain"),
     sft_config,
     run_sft,
     fingerprint=sft_fingerprint,

@@ -18,6 +18,9 @@ Why it works this way:
 
 As in pretraining, conversations sharing a row see each other through causal attention; the
 `<|endoftext|>` between them marks the boundary.
+
+`PretrainWindows` is the other kind of row an SFT batch can hold (`sft.pretrain_mix`): plain
+pretraining text, every token a target, cut from the shards to the SFT row length.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
 from stacklab.data.chat import encode_chat, task_conversation, validate_messages
+from stacklab.data.shards import open_split
 from stacklab.data.tasks import make_generator
 from stacklab.data.tokenizer import EOT_ID, PAD_ID
 from stacklab.errors import DataError
@@ -189,3 +194,36 @@ def concat_rows(parts: list[SFTRows]) -> SFTRows:
         dropped_too_long=sum(p.dropped_too_long for p in parts),
         dropped_untrained=sum(p.dropped_untrained for p in parts),
     )
+
+
+class PretrainWindows:
+    """Spans of the pretraining stream (the shards' train split) as SFT rows of `seq_len`.
+
+    Shard rows are `data.packing.seq_len + 1` tokens, one every `data.packing.seq_len` tokens
+    of the stream, so consecutive rows share one token and `k` of them joined (each after the
+    first without its shared token) are an unbroken span of `k · packing_seq_len + 1` tokens,
+    document boundaries included, exactly as pretraining saw them. Window `j` is the first
+    `seq_len + 1` tokens of the span of rows `j·k .. j·k + k - 1`, with `k` the fewest rows
+    that reach that length: shorter SFT rows crop one shard row, longer ones join several.
+    Windows never overlap; the tail of a span past `seq_len + 1` tokens is not used.
+    """
+
+    def __init__(self, shard_dir: str | Path, seq_len: int) -> None:
+        self.shards = open_split(shard_dir, "train")
+        self.seq_len = seq_len
+        self.rows_per_window = -(-seq_len // self.shards.seq_len)  # ceil
+        self.count = self.shards.num_rows // self.rows_per_window
+        if self.count == 0:
+            raise DataError(
+                f"{shard_dir}: the train split has {self.shards.num_rows} rows of "
+                f"{self.shards.seq_len} tokens, too few for one window of {seq_len}"
+            )
+
+    def batch(self, windows: Tensor) -> tuple[Tensor, Tensor]:
+        """`(inputs, targets)` of the windows at `windows` [n], each int64 `[n, seq_len]`."""
+        k, n = self.rows_per_window, len(windows)
+        first = windows.numpy()[:, None] * k + np.arange(k)  # [n, k] shard rows
+        rows = self.shards.rows(first.reshape(-1)).reshape(n, k, self.shards.row_len)
+        span = np.concatenate([rows[:, 0], rows[:, 1:, 1:].reshape(n, -1)], axis=1)
+        tokens = torch.from_numpy(span[:, : self.seq_len + 1].astype(np.int64))
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
