@@ -234,18 +234,23 @@ class Crash(Exception):
     pass
 
 
-def test_crash_and_resume_is_bit_exact(tok, base, tmp_path, monkeypatch) -> None:
-    recipe = tiny_recipe()
-    clean = sft(recipe, tok, base, tmp_path / "clean")
-
+def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    """Make the trainer raise `Crash` right after it writes the checkpoint of `at_step`."""
     real_save = trainer_module.save_checkpoint
 
     def save_then_crash(root, step, *args, **kwargs):
         real_save(root, step, *args, **kwargs)
-        if step == 4:
+        if step == at_step:
             raise Crash
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_crash)
+
+
+def test_crash_and_resume_is_bit_exact(tok, base, tmp_path, monkeypatch) -> None:
+    recipe = tiny_recipe()
+    clean = sft(recipe, tok, base, tmp_path / "clean")
+
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(Crash):
         sft(recipe, tok, base, tmp_path / "crashed")
     monkeypatch.undo()
@@ -651,14 +656,7 @@ def test_pretrain_mix_without_shards_is_refused(tok, base, tmp_path) -> None:
 def test_mixed_sft_resumes_bit_exactly(tok, base, shards, tmp_path, monkeypatch) -> None:
     recipe = tiny_recipe(batch_size=4, pretrain_mix=0.5)
     sft(recipe, tok, base, tmp_path / "clean", shards)
-    real_save = trainer_module.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kwargs):
-        real_save(root, step, *args, **kwargs)
-        if step == 4:
-            raise Crash
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(Crash):
         sft(recipe, tok, base, tmp_path / "crashed", shards)
     monkeypatch.undo()
