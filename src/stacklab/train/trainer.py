@@ -33,6 +33,7 @@ updates. `Trainer.fit` runs the loop around it:
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,21 +94,21 @@ class OptimizerStep:
         return finite
 
 
-class TrainModule:
+class TrainModule(ABC):
     """What a stage gives the `Trainer`: its steps, its log records, its share of a checkpoint."""
 
     name: str  # the stage: the log's tracker prefix, the progress bar, errors
     hint: str  # what to change when training diverges, e.g. "lower sft.lr"
 
+    @abstractmethod
     def step(self, step: int, optimizer_step: OptimizerStep) -> None:
         """Train 1-based step `step`: forward and backward, `optimizer_step(loss)` after each
         backward."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record(self) -> dict[str, float]:
         """The logged values of the step just trained, but its number. Called on logging
         steps only, on every rank: it may sync with the device or reduce over ranks."""
-        raise NotImplementedError
 
     def describe(self, record: dict[str, float]) -> str:
         """The progress bar's text after a logged record."""
@@ -120,6 +121,7 @@ class TrainModule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back the keys of `state_dict` from a checkpoint's state."""
+        del state  # nothing beyond what the trainer restores itself
 
 
 @dataclass
