@@ -18,7 +18,9 @@ from stacklab.rl.advantages import group_advantages
 from stacklab.rl.trainer import (
     RL_STAGE,
     RolloutBatch,
+    bucketed_logprobs,
     collect,
+    length_buckets,
     loss_kwargs,
     pad_episodes,
     share,
@@ -156,6 +158,43 @@ def test_token_logprobs_gather_the_targets(tok) -> None:
     part, part_entropy, _ = token_logprobs(model, inputs, targets, 2.0, mask)
     assert torch.allclose(part, torch.where(mask, logp, 0.0), atol=1e-6)
     assert torch.allclose(part_entropy, torch.where(mask, entropy, 0.0), atol=1e-5)
+
+
+def test_length_buckets_group_rows_by_rounded_length() -> None:
+    lengths = torch.tensor([5, 64, 65, 0, 130, 3, 128])
+    buckets = [b.tolist() for b in length_buckets(lengths, granularity=64)]
+    assert buckets == [[0, 1, 5], [2, 6], [4]]  # row 3 has no sampled token
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_bucketed_logprobs_equal_one_padded_forward(moe: bool) -> None:
+    """Scoring groups of similar length at their own width changes no log-prob, entropy or
+    gradient of the padded batch (a row's tokens never attend to another row's)."""
+    torch.manual_seed(0)
+    moe_cfg = {"enabled": True, "num_experts": 4, "top_k": 2} if moe else {}
+    cfg = ModelConfig(depth=2, aspect=16, head_dim=16, max_seq_len=160, moe=moe_cfg).build()
+    model = build_model(cfg, 60)
+    lengths = [7, 150, 30, 0, 90, 64, 65]  # spans four buckets of 64, one row unscored
+    inputs = torch.randint(0, 60, (len(lengths), 150))
+    targets = torch.randint(0, 60, (len(lengths), 150))
+    mask = torch.zeros(len(lengths), 150, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, max(0, n - 5) : n] = True  # the sampled tokens end each episode
+        inputs[i, n:], targets[i, n:] = 0, 0  # padding
+    weights = torch.randn(mask.shape)
+    results = []
+    for score in (token_logprobs, bucketed_logprobs):
+        model.zero_grad()
+        logp, entropy, _ = score(model, inputs, targets, 0.7, mask)
+        (logp * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logp.detach(), entropy, grads))
+    (want_lp, want_ent, want_g), (lp, ent, g) = results
+    torch.testing.assert_close(lp, want_lp)
+    torch.testing.assert_close(ent, want_ent)
+    assert len(g) == len(want_g)
+    for a, b in zip(g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_recipe_rejects_a_turn_longer_than_the_budget() -> None:

@@ -26,6 +26,7 @@ from stacklab.recipe import (
     SFTPhase,
     TokenizerConfig,
 )
+from stacklab.train import sft as sft_module
 from stacklab.train import trainer as trainer_module
 from stacklab.train.checkpoint import latest_checkpoint, write_model
 from stacklab.train.log import read_log
@@ -34,6 +35,7 @@ from stacklab.train.sft import (
     SFT_STAGE,
     Schedule,
     batch_indices,
+    chat_loss,
     sft,
     sft_conversations,
     sft_fingerprint,
@@ -167,6 +169,27 @@ def test_batch_indices_deterministic_and_seeded() -> None:
 
 
 # --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_chat_loss_is_the_full_logits_loss_and_gradient(moe: bool) -> None:
+    """The head only at trained positions gives the loss and gradients of the full logits."""
+    torch.manual_seed(0)
+    moe_cfg = {"enabled": True, "num_experts": 4, "top_k": 2} if moe else {}
+    cfg = ModelConfig(depth=2, aspect=16, head_dim=16, max_seq_len=32, moe=moe_cfg).build()
+    model = build_model(cfg, 50)
+    inputs = torch.randint(0, 50, (3, 20))
+    targets = torch.randint(0, 50, (3, 20))
+    targets[torch.rand(3, 20) < 0.8] = -100  # packed chat rows train few positions
+    full = model(inputs, targets)
+    (full.loss + full.aux_loss).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss, aux = chat_loss(model, inputs, targets)
+    (loss + aux).backward()
+    torch.testing.assert_close(loss, full.loss)  # float32: within 1.3e-6 relative
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
 
 
 def test_sft_writes_final_model_and_metrics(tok, base, tmp_path) -> None:
@@ -595,13 +618,19 @@ def test_window_order_is_its_own_and_a_function_of_seed_and_step() -> None:
 def record_forwards(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every (inputs, targets) the model is trained on, in order."""
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    forward = Transformer.forward
+    forward, chat = Transformer.forward, sft_module.chat_loss
 
     def spy(self, inputs, targets=None, **kwargs):
-        calls.append((inputs.clone(), targets.clone()))
+        if targets is not None:  # a pretraining window's forward
+            calls.append((inputs.clone(), targets.clone()))
         return forward(self, inputs, targets, **kwargs)
 
+    def chat_spy(model, inputs, targets):  # chat rows: the head only at trained positions
+        calls.append((inputs.clone(), targets.clone()))
+        return chat(model, inputs, targets)
+
     monkeypatch.setattr(Transformer, "forward", spy)
+    monkeypatch.setattr(sft_module, "chat_loss", chat_spy)
     return calls
 
 

@@ -29,9 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-# Summary metrics whose meaning changed on purpose, so their golden value no longer holds:
-# sft/final_loss was the mean of the last 3 logged losses, now 5 like the other stages.
-DELIBERATE = {"sft/final_loss"}
+# Summary metrics whose meaning changed on purpose, so their golden value no longer holds.
+# None now. The golden file was captured again on 2026-12-06 (SFT's head only at trained
+# positions, RL scoring episodes in length buckets: every logged value within 2e-6 relative
+# of the old file, except `logprob_drift`, itself float noise of ~1e-7; docs/LOG.md), which
+# also took in the 5-log `sft/final_loss` that was listed here.
+DELIBERATE: set[str] = set()
 TIMING = ("seconds", "tokens_per_s", "mfu", "peak_flops")  # differ between any two runs
 
 TASK = {"kind": "arithmetic", "ops": ["+"], "min_digits": 1, "max_digits": 1, "eval_fraction": 0.2}

@@ -251,6 +251,46 @@ def token_logprobs(
     return logp, entropy, out.aux_loss
 
 
+BUCKET_WIDTH = 64  # episodes are scored in groups whose lengths round up to the same multiple
+
+
+def length_buckets(lengths: Tensor, granularity: int = BUCKET_WIDTH) -> list[Tensor]:
+    """Row indices grouped by `lengths` rounded up to `granularity`, shortest group first;
+    rows of length 0 are left out."""
+    rounded = (lengths + granularity - 1) // granularity
+    return [(rounded == r).nonzero().squeeze(1) for r in rounded.unique().tolist() if r > 0]
+
+
+def bucketed_logprobs(
+    model: Transformer,
+    inputs: Tensor,
+    targets: Tensor,
+    temperature: float,
+    mask: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`token_logprobs` of a right-padded batch, scored in groups of similar length.
+
+    A batch mixes one-turn arithmetic episodes of ~30 tokens with tool episodes of ~300, and
+    one forward pass pads them all to the longest. Scoring each `length_buckets` group at its
+    own width skips nearly all of that padding: the same log-probs and entropies at every
+    sampled position (a row's tokens never see another row's), in a fraction of the work
+    (docs/benchmarks.md). The MoE aux loss is the groups' mean weighted by sampled tokens.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    lengths = torch.where(mask, positions + 1, 0).amax(1)  # through the last sampled token
+    logp = torch.zeros(targets.shape, device=targets.device)
+    entropy = torch.zeros(targets.shape, device=targets.device)
+    aux, counted = logp.new_zeros(()), mask.sum().clamp(min=1)
+    for rows in length_buckets(lengths):
+        width = int(lengths[rows].max())
+        part = (inputs[rows, :width], targets[rows, :width], mask[rows, :width])
+        lp, ent, part_aux = token_logprobs(model, *part[:2], temperature, part[2])
+        logp = logp.index_put((rows,), F.pad(lp, (0, logp.shape[1] - width)))
+        entropy[rows, :width] = ent
+        aux = aux + part_aux * part[2].sum() / counted
+    return logp, entropy, aux
+
+
 def loss_kwargs(cfg: RLConfig) -> dict[str, Any]:
     """The clip settings of `cfg.loss` from the recipe; unset ones keep the loss's defaults."""
     kwargs: dict[str, Any] = {}
@@ -285,8 +325,10 @@ def update(
     advantages = batch.advantages.to(device)
     model.eval()  # no dropout exists, but be explicit: the old policy is scored as it sampled
     with torch.no_grad():
-        old_logp, entropy, _ = token_logprobs(model, inputs, targets, cfg.temperature, mask)
-        ref_logp = token_logprobs(ref, inputs, targets, cfg.temperature, mask)[0] if ref else None
+        old_logp, entropy, _ = bucketed_logprobs(model, inputs, targets, cfg.temperature, mask)
+        ref_logp = (
+            bucketed_logprobs(ref, inputs, targets, cfg.temperature, mask)[0] if ref else None
+        )
     model.train()
     counted = mask.sum().clamp(min=1)
     stats: dict[str, list[float]] = defaultdict(list)
@@ -303,7 +345,7 @@ def update(
                 continue  # episodes cut off before their first sampled token
             width = int(mask[idx].any(0).nonzero().max()) + 1  # trim common right padding
             mb = (inputs[idx, :width], targets[idx, :width], mask[idx, :width])
-            logp, _, aux = token_logprobs(model, mb[0], mb[1], cfg.temperature, mb[2])
+            logp, _, aux = bucketed_logprobs(model, mb[0], mb[1], cfg.temperature, mb[2])
             loss, loss_stats = loss_fn(
                 logp, old_logp[idx, :width], advantages[idx], mb[2], **kwargs
             )

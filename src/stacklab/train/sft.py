@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from stacklab.data.sources import file_fingerprint
@@ -231,6 +232,23 @@ def sft(
     return _summary(trainer.fit(), schedule.rows, cfg)
 
 
+def chat_loss(
+    model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean next-token loss over the trained (assistant) tokens, and the MoE aux loss.
+
+    The output head runs only where a target is trained (`logits=mask`): in packed chat rows
+    that is a small share of the positions (about 15% on the tiny recipe), so the [B, T, V]
+    logits and their softmax, a quarter of a step's work at a 4,096-token vocabulary, are
+    never computed for the prompts, system text and tool responses. The loss is the same
+    mean the full logits with `ignore_index=-100` give (tests/test_sft.py checks both).
+    """
+    trained = targets != -100
+    out = model(inputs, logits=trained)
+    loss = F.cross_entropy(out.logits.float(), targets[trained])
+    return loss, out.aux_loss
+
+
 class SFTModule(TrainModule):
     """SFT's steps: one batch of packed rows (`Schedule`), loss on assistant tokens only.
 
@@ -269,10 +287,10 @@ class SFTModule(TrainModule):
         idx = self.schedule.batch(step - 1, self.cfg.batch_size, self.seed)
         inputs, targets = rows.inputs[idx].to(self.device), rows.targets[idx].to(self.device)
         self._lr = optimizer_step.scheduler.get_last_lr()[0]  # the rate this step trains with
-        out = self.model(inputs, targets)
-        (out.loss + out.aux_loss).backward()
-        self._grad_norm = optimizer_step(out.loss)
-        self._loss = out.loss.detach()
+        loss, aux_loss = chat_loss(self.model, inputs, targets)
+        (loss + aux_loss).backward()
+        self._grad_norm = optimizer_step(loss)
+        self._loss = loss.detach()
 
     def _mixed_step(
         self, step: int, optimizer_step: OptimizerStep, windows: PretrainWindows
@@ -283,14 +301,14 @@ class SFTModule(TrainModule):
         idx = self.schedule.batch(step - 1, self.cfg.batch_size - n_lm, self.seed)
         inputs, targets = rows.inputs[idx].to(self.device), rows.targets[idx].to(self.device)
         self._lr = optimizer_step.scheduler.get_last_lr()[0]
-        chat = self.model(inputs, targets)
-        ((1 - w) * (chat.loss + chat.aux_loss)).backward()
+        loss, aux_loss = chat_loss(self.model, inputs, targets)
+        ((1 - w) * (loss + aux_loss)).backward()
         picked = window_indices(windows.count, n_lm, step - 1, self.seed)
         lm_inputs, lm_targets = windows.batch(picked)
-        lm = self.model(lm_inputs.to(self.device), lm_targets.to(self.device))
+        lm = self.model(lm_inputs.to(self.device), lm_targets.to(self.device), logits=None)
         (w * (lm.loss + lm.aux_loss)).backward()
-        self._grad_norm = optimizer_step((1 - w) * chat.loss.detach() + w * lm.loss.detach())
-        self._loss, self._lm_loss = chat.loss.detach(), lm.loss.detach()
+        self._grad_norm = optimizer_step((1 - w) * loss.detach() + w * lm.loss.detach())
+        self._loss, self._lm_loss = loss.detach(), lm.loss.detach()
 
     def record(self) -> dict[str, float]:
         record = {"loss": self._loss.item(), "lr": self._lr, "grad_norm": self._grad_norm.item()}
