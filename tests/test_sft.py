@@ -438,6 +438,17 @@ def test_phases_draw_only_from_their_sources(tok, tmp_path) -> None:
         schedule.batch(6, 2, seed=5)
 
 
+def test_a_source_named_twice_is_drawn_twice_as_often(tok, tmp_path) -> None:
+    """`sources: [data, data, tasks]`: the file's rows are in the phase's pool twice, so one
+    epoch of the phase draws each of them twice and each task row once."""
+    path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
+    phases = [SFTPhase(steps=6, sources=["data", "data", "tasks"])]
+    schedule = Schedule(tiny_recipe(data=[path], phases=phases), tok)
+    n = schedule.rows.inputs.shape[0]  # the task rows, then the file's 2 rows
+    epoch = schedule.batch(0, n + 2, seed=5).tolist()  # one step of one whole epoch
+    assert sorted(epoch) == [*range(n - 2), n - 2, n - 2, n - 1, n - 1]
+
+
 def test_no_phases_keeps_one_packing_of_all_sources(tok, tmp_path) -> None:
     path = write_jsonl(tmp_path / "chats.jsonl", USER_CHATS)
     recipe = tiny_recipe(data=[path])
