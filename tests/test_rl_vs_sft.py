@@ -180,6 +180,9 @@ def test_goal_lookup() -> None:
     assert good["pass"] is True
     assert good["mean"] == pytest.approx(0.6)
     assert good["t_ci95"][0] < 0.6 < good["t_ci95"][1]
+    assert not good["interval_clears"] and "reaches below" in good["detail"]
+    tight = rvs.goal_lookup(_rows({"rl/agent_success/lookup": [0.61, 0.6, 0.62]}))
+    assert tight["pass"] and tight["interval_clears"] and "interval above" in tight["detail"]
     bad = rvs.goal_lookup(_rows({"rl/agent_success/lookup": [0.4, 0.5, None]}))
     assert bad["pass"] is False and bad["n_seeds"] == 2
     assert rvs.goal_lookup(_rows({"rl/agent_success/lookup": [None]}))["pass"] is None
