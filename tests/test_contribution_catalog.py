@@ -78,3 +78,27 @@ def test_round_names_catalog_contributions(tmp_path: Path) -> None:
     miss = r"contributions: contribution file not found: .*qk-nrom; did you mean the built-in"
     with pytest.raises(RoundError, match=miss + r" contribution 'qk-norm'\? \(built-in .*gspo"):
         load_round(round_file)
+
+
+def test_post_training_round_is_built_in() -> None:
+    """`stacklab integrate post-training`: the tiny build's RL loss, GRPO against the choice
+    group of DAPO and GSPO, decided on the agents and arithmetic with val_bpb guarded."""
+    rnd = load_round("post-training")
+    assert rnd.file == (ROUNDS_DIR / "post-training.yaml").resolve()
+    assert rnd.ids == ["dapo-clip-higher", "gspo"]
+    assert choice_groups(rnd.contributions) == [["dapo-clip-higher", "gspo"]]
+    assert rnd.baseline.name == "tiny"
+    assert rnd.baseline.rl.enabled and rnd.baseline.rl.loss == "grpo"
+    assert rnd.spec.runner.kind == "builtin"
+    assert {"agent_success/lookup", "task_acc/arithmetic", "agent_success/calculator"} <= set(
+        rnd.metrics
+    )
+    assert [g.metric for g in rnd.spec.guardrails] == ["val_bpb"]
+    # Each subset differs from tiny in the RL loss alone, so it reuses tiny's SFT.
+    for index, loss in enumerate(("dapo", "gspo")):
+        data = rnd.workspace.resolve(frozenset({index}), {}, {}).data
+        assert data["rl"]["loss"] == loss
+        data["rl"]["loss"] = "grpo"
+        assert data == rnd.workspace.resolve(frozenset(), {}, {}).data
+    # Screening (3 recipes x the seeds) and one confirmation look (3 recipes) fit the budget.
+    assert rnd.spec.budget >= 3 * len(rnd.seeds) + 3 * rnd.confirm_count
