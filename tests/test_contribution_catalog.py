@@ -1,5 +1,6 @@
 """The built-in contribution catalog loads against its baseline and forms a valid round."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def test_the_baseline_plus_the_techniques_tiny_uses_is_tiny() -> None:
     baseline = load_recipe("tiny-baseline")
     contribs = load_contributions([CATALOG], baseline)
     used = {"minhash-dedup", "muon", "qk-norm", "tool-use-sft", "dynamic-sampling"}
+    used |= {"dapo-clip-higher"}  # chosen by the built-in round post-training
     rebuilt = apply_subset(baseline, contribs, used).to_dict()
     tiny = load_recipe("tiny").to_dict()
     assert rebuilt.pop("name") == "tiny-baseline" and tiny.pop("name") == "tiny"
@@ -82,13 +84,19 @@ def test_round_names_catalog_contributions(tmp_path: Path) -> None:
 
 def test_post_training_round_is_built_in() -> None:
     """`stacklab integrate post-training`: the tiny build's RL loss, GRPO against the choice
-    group of DAPO and GSPO, decided on the agents and arithmetic with val_bpb guarded."""
+    group of DAPO and GSPO, decided on the agents and arithmetic with val_bpb guarded. Its
+    baseline is tiny with GRPO, and the DAPO subset it chose is the tiny recipe itself."""
     rnd = load_round("post-training")
     assert rnd.file == (ROUNDS_DIR / "post-training.yaml").resolve()
     assert rnd.ids == ["dapo-clip-higher", "gspo"]
     assert choice_groups(rnd.contributions) == [["dapo-clip-higher", "gspo"]]
-    assert rnd.baseline.name == "tiny"
+    assert rnd.baseline.name == "tiny-grpo"
     assert rnd.baseline.rl.enabled and rnd.baseline.rl.loss == "grpo"
+    chosen = copy.deepcopy(rnd.workspace.resolve(frozenset({0}), {}, {}).data)
+    tiny = load_recipe("tiny").to_dict()
+    assert chosen.pop("name") == "tiny-grpo" and tiny.pop("name") == "tiny"
+    tiny.pop("seed")  # each run sets its own
+    assert chosen == tiny
     assert rnd.spec.runner.kind == "builtin"
     assert {"agent_success/lookup", "task_acc/arithmetic", "agent_success/calculator"} <= set(
         rnd.metrics
@@ -96,7 +104,7 @@ def test_post_training_round_is_built_in() -> None:
     assert [g.metric for g in rnd.spec.guardrails] == ["val_bpb"]
     # Each subset differs from tiny in the RL loss alone, so it reuses tiny's SFT.
     for index, loss in enumerate(("dapo", "gspo")):
-        data = rnd.workspace.resolve(frozenset({index}), {}, {}).data
+        data = copy.deepcopy(rnd.workspace.resolve(frozenset({index}), {}, {}).data)
         assert data["rl"]["loss"] == loss
         data["rl"]["loss"] = "grpo"
         assert data == rnd.workspace.resolve(frozenset(), {}, {}).data
