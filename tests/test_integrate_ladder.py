@@ -50,7 +50,7 @@ from integrate_sim.scenarios import (
 from stacklab.integrate.engine import integrate
 from stacklab.recipe import load_recipe
 
-TINY: dict[str, Any] = load_recipe("tiny").model_dump(mode="json")
+TINY: dict[str, Any] = load_recipe("tiny-grpo").model_dump(mode="json")
 
 
 def recipe_for(scenario: Scenario, ids: set[str] | frozenset[str], rung: str | None) -> dict:

@@ -31,7 +31,7 @@ from integrate_sim.scenarios import Scenario
 
 TOL = 1e-9  # utilities closer than this are equal (floating-point sums of exact effects)
 
-# Recipe settings of the built-in tiny recipe the contributions switch, each to a value the
+# Recipe settings of the built-in tiny-grpo recipe the contributions switch, each to a value the
 # baseline does not hold, and none validated against another: any combination is a valid
 # recipe. Short ids say which setting, never which role (the engine must not be able to tell).
 KEYS: tuple[tuple[str, str, str, Any], ...] = (

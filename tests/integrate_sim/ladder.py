@@ -68,8 +68,8 @@ LR_FACTORS = (0.5, 1.0, 2.0)  # the learning rates lr_tuning tries, x the baseli
 
 @cache
 def baseline_value(key: str) -> Any:
-    """The built-in tiny recipe's value at a dotted key (what every scenario starts from)."""
-    return get_dotted(load_recipe("tiny").model_dump(mode="json"), key)
+    """The built-in tiny-grpo recipe's value at a dotted key (what every scenario starts from)."""
+    return get_dotted(load_recipe("tiny-grpo").model_dump(mode="json"), key)
 
 
 def rung_named(scenario: Scenario, name: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Ground-truth scenarios for the simulation suite, written out as real round directories.
 
-Each scenario is a baseline (the built-in tiny recipe), contributions that patch real recipe
+Each scenario is a baseline (the built-in tiny-grpo recipe), contributions that patch real recipe
 keys (used purely as switches the stand-in trainer reads), the truth about each metric, and
 what the engine should conclude: the best subset and the shelving reason of the others.
 
@@ -334,7 +334,7 @@ def write_round(
     if timeout_s is not None:
         runner["timeout_s"] = timeout_s
     spec = {
-        "baseline": "tiny",
+        "baseline": "tiny-grpo",
         "contributions": ["contributions"],
         "objectives": scenario.objectives,
         "guardrails": scenario.guardrails,
