@@ -26,7 +26,7 @@ def test_the_baseline_plus_the_techniques_tiny_uses_is_tiny() -> None:
     baseline = load_recipe("tiny-baseline")
     contribs = load_contributions([CATALOG], baseline)
     used = {"minhash-dedup", "muon", "qk-norm", "tool-use-sft", "dynamic-sampling"}
-    used |= {"dapo-clip-higher"}  # chosen by the built-in round post-training
+    used.add("dapo-clip-higher")  # chosen by the built-in round post-training
     rebuilt = apply_subset(baseline, contribs, used).to_dict()
     tiny = load_recipe("tiny").to_dict()
     assert rebuilt.pop("name") == "tiny-baseline" and tiny.pop("name") == "tiny"
